@@ -1,0 +1,97 @@
+"""Multi-scale information allocation estimation (paper Section 2.4, Eq. 4-6; SPEC section 4).
+
+Pure functions on tensors. Shapes: ``B`` batch, ``C`` classes (or bins, or span positions),
+``M`` modalities, ``P`` modality pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+def class_prior(labels: Tensor, num_classes: int) -> Tensor:
+    """``pi_e`` of Eq. 4: add-one smoothed class frequencies of the training labels.
+
+    labels: ``(N,)`` long in ``[0, num_classes)``. Returns ``(C,)`` float summing to one; a class
+    absent from ``labels`` keeps a count of one, so ``log pi_e`` stays finite.
+    """
+    labels = torch.as_tensor(labels).long().flatten()
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"class_prior: labels must lie in [0, {num_classes}); "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
+    counts = torch.bincount(labels, minlength=num_classes).double() + 1.0
+    return (counts / counts.sum()).float()
+
+
+def debiased_distribution(logits: Tensor, prior: Tensor, alpha: float = 1.0) -> Tensor:
+    """Eq. 4: ``p_i = softmax(logits_i - alpha * log pi_e)``.
+
+    logits: ``(..., C)``; prior: ``(C,)`` positive. Returns ``(..., C)``. Differentiable; the
+    model detaches the result because these distributions are targets (Theorem 1's proof).
+    """
+    log_prior = prior.to(logits.dtype).clamp_min(_EPS).log()
+    return torch.softmax(logits - alpha * log_prior, dim=-1)
+
+
+def soft_bin_distribution(values: Tensor, centres: Tensor) -> Tensor:
+    """Regression branches as distributions over label bins (SPEC 4, STS-B).
+
+    values: ``(..., )`` predicted scalars; centres: ``(C,)`` equally spaced bin centres.
+    Returns ``(..., C)``: ``softmax(-(value - c)^2 / sigma^2)`` with ``sigma`` the bin width.
+    """
+    centres = centres.to(values.dtype)
+    sigma = (centres[1] - centres[0]).abs() if centres.numel() > 1 else centres.new_tensor(1.0)
+    return torch.softmax(-((values.unsqueeze(-1) - centres) ** 2) / sigma**2, dim=-1)
+
+
+def cosine_agreement(p_m: Tensor, p_k: Tensor) -> Tensor:
+    """``w_ij = cos(p_i^m, p_j^k)`` for every pair of samples.
+
+    p_m, p_k: ``(..., B, C)``. Returns ``(..., B, B)``. A zero vector has zero similarity with
+    everything (instead of NaN).
+    """
+    return F.normalize(p_m, dim=-1, eps=_EPS) @ F.normalize(p_k, dim=-1, eps=_EPS).transpose(-1, -2)
+
+
+def allocation_weights(p_m: Tensor, p_k: Tensor) -> Tensor:
+    """Eq. 5: ``p(w_ij) = w_ij / sum_b w_ib`` with ``w_ij = cos(p_i^m, p_j^k)``.
+
+    p_m, p_k: ``(B, C)`` (or batched ``(..., B, C)``). Returns ``(B, B)``; each row sums to one
+    over the whole batch (rows whose similarities are all zero stay zero). The label mask of Eq. 7
+    is applied afterwards, in the loss.
+    """
+    return _normalize_rows(cosine_agreement(p_m, p_k))
+
+
+def positive_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
+    """SPEC 5, ``weight_normalization: positives``: ``w_ij 1(y_i = y_j)`` normalised per row.
+
+    Same shapes as :func:`allocation_weights`, ``positive_mask`` ``(B, B)`` bool. Every row with a
+    positive sums to one, so losses of different modality pairs are on one scale; a row without
+    positives is all zero and contributes nothing.
+    """
+    return _normalize_rows(cosine_agreement(p_m, p_k) * positive_mask.to(p_m.dtype))
+
+
+def coarse_weights(z: Tensor) -> Tensor:
+    """Eq. 6: ``pi_z^(m, k) = softmax_{k != m} z[m, k]``; the diagonal takes no part and is zero.
+
+    z: ``(M, M)``. Returns ``(M, M)``; each row sums to one when ``M > 1``; ``M = 1`` gives ``[[0]]``.
+    """
+    size = z.shape[-1]
+    diagonal = torch.eye(size, dtype=torch.bool, device=z.device)
+    if size == 1:
+        return torch.zeros_like(z)
+    return torch.softmax(z.masked_fill(diagonal, float("-inf")), dim=-1).masked_fill(diagonal, 0.0)
+
+
+def _normalize_rows(weights: Tensor) -> Tensor:
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(_EPS)

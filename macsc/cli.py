@@ -1,0 +1,88 @@
+"""The ``macsc`` command.
+
+``macsc fit|validate|test|predict --config FILE`` is a LightningCLI over :class:`macsc.model.MaCSC`
+and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
+ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
+       macsc prototypes --config FILE     fill the prototype cache ahead of training
+       macsc squad-eval DATA_JSON PRED_JSON [--na-prob-file F] [--na-prob-thresh T] [--version 2.0|1.1]
+
+Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
+config resolved."""
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class MacscCLI(LightningCLI):
+        """Links what only the data knows into the model, and connects the data to the model."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments(
+                "data", "model.task", compute_fn=lambda data: data.task_spec.to_dict(), apply_on="instantiate"
+            )
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            if self.datamodule is not None and hasattr(self.datamodule, "connect"):
+                self.datamodule.connect(self.model.backbone_name, self.model.extractors, self.model.modalities)
+
+    return MacscCLI
+
+
+def run_lightning(args: list[str], run: bool = True):
+    """Build (and by default run) the LightningCLI on ``args``."""
+    from lightning import LightningDataModule
+
+    from .model import MaCSC
+
+    return _cli_class()(
+        MaCSC,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def fill_prototype_cache(args: list[str]) -> None:
+    """``macsc prototypes --config FILE``: build the model's extractors and fill the cache."""
+    cli = run_lightning(args, run=False)
+    cli.datamodule.prepare_data()
+    print(f"prototype cache ready for {type(cli.datamodule).__name__} ({', '.join(cli.model.modalities[1:]) or 'no modality'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    from .errors import MacscError
+
+    try:
+        if argv[0] == "squad-eval":
+            from .squad_eval import main as squad_eval
+
+            return int(squad_eval(argv[1:]) or 0)
+        if argv[0] == "prototypes":
+            fill_prototype_cache(argv[1:])
+            return 0
+        run_lightning(argv)
+        return 0
+    except MacscError as error:
+        print(f"macsc: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

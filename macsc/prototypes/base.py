@@ -1,0 +1,151 @@
+"""The prototype-source interface (SPEC section 1) and its registry.
+
+A prototype extractor turns text segments into "conceptual prototypes": ``k`` feature vectors of
+width ``dim`` per segment, plus a mask for segments that yield fewer than ``k``. Everything the
+model and the data modules know about a source goes through :class:`PrototypeExtractor`; new
+sources register themselves with :func:`register_extractor` and are built by name with
+:func:`build_extractor`, so configs select them without code changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Prototypes:
+    """Prototypes of a batch of segments.
+
+    features: ``(B, k, d)`` float, selected tokens in their original order.
+    mask: ``(B, k)`` bool, True where a prototype is real (False pads segments with fewer than k).
+    """
+
+    features: Tensor
+    mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 3 or self.mask.shape != self.features.shape[:2]:
+            raise ValueError(
+                f"Prototypes need features (B, k, d) and mask (B, k); got "
+                f"{tuple(self.features.shape)} and {tuple(self.mask.shape)}"
+            )
+
+
+class PrototypeExtractor(nn.Module):
+    """Base class of every prototype source.
+
+    Subclasses set ``kind``, implement :meth:`_extract` and :attr:`dim`, and extend
+    :meth:`identity` with everything that changes their output (checkpoint hash, options,
+    tokenizer), which is what the prototype cache keys on.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, k: int = 8, trainable: bool = False) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"prototype option k must be >= 1, got {k}")
+        self.k = int(k)
+        self.trainable = bool(trainable)
+
+    @property
+    def dim(self) -> int:
+        """Width ``d_m`` of one prototype."""
+        raise NotImplementedError
+
+    @property
+    def cacheable(self) -> bool:
+        """Frozen extractors are pure functions of the text, so their output can be cached."""
+        return not self.trainable
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes a prototype, except the text itself (the cache key)."""
+        return {"kind": self.kind, "k": self.k, "dim": self.dim}
+
+    def extract(self, texts: list[str]) -> Prototypes:
+        """Prototypes of ``texts``: features ``(len(texts), k, dim)``, mask ``(len(texts), k)``."""
+        if self.trainable:
+            return self._extract(list(texts))
+        with torch.no_grad():
+            return self._extract(list(texts))
+
+    def _extract(self, texts: list[str]) -> Prototypes:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Callable[..., PrototypeExtractor]] = {}
+
+
+def register_extractor(kind: str) -> Callable[[type[PrototypeExtractor]], type[PrototypeExtractor]]:
+    """Class decorator: make ``kind`` buildable through :func:`build_extractor`."""
+
+    def wrap(cls: type[PrototypeExtractor]) -> type[PrototypeExtractor]:
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return wrap
+
+
+def available_extractors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_extractor(kind: str, **options: Any) -> PrototypeExtractor:
+    """Build a prototype extractor by kind.
+
+    ``kind`` is a registered name (``gaussian``, ``open_clip``, ...) or the shorthand
+    ``hf:<name-or-path>`` for a Hugging Face encoder (the paper's Table 5 sources).
+    """
+    if kind.startswith("hf:"):
+        options = {"model_name": kind[3:], **options}
+        kind = "hf"
+    if kind not in _REGISTRY:
+        raise ValueError(
+            f"unknown prototype extractor kind {kind!r}; choose one of {available_extractors()} "
+            "(or 'hf:<model name or path>')"
+        )
+    return _REGISTRY[kind](**options)
+
+
+def text_seed(text: str, salt: int = 0) -> int:
+    """A stable 63-bit seed derived from a text (independent of PYTHONHASHSEED)."""
+    digest = hashlib.blake2b(f"{salt}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@register_extractor("gaussian")
+class GaussianExtractor(PrototypeExtractor):
+    """Gaussian noise of the shape of real prototypes (paper Table 5's noise ablation).
+
+    Each text gets its own generator seeded from the text, so the noise is a fixed function of
+    the text: the same sentence always gets the same "prototypes", as a frozen encoder would.
+    """
+
+    def __init__(self, dim: int = 512, k: int = 8, seed: int = 0, std: float = 1.0, **_: Any):
+        super().__init__(k=k, trainable=False)
+        if dim < 1:
+            raise ValueError(f"gaussian prototype option dim must be >= 1, got {dim}")
+        self._dim = int(dim)
+        self.seed = int(seed)
+        self.std = float(std)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "seed": self.seed, "std": self.std}
+
+    def _extract(self, texts: list[str]) -> Prototypes:
+        features = torch.empty(len(texts), self.k, self._dim)
+        for row, text in enumerate(texts):
+            generator = torch.Generator().manual_seed(text_seed(text, self.seed))
+            features[row] = torch.randn(self.k, self._dim, generator=generator) * self.std
+        return Prototypes(features, torch.ones(len(texts), self.k, dtype=torch.bool))
