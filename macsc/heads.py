@@ -9,6 +9,9 @@ and never branches on the task kind itself.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +43,21 @@ class StackedLinear(nn.Module):
         return out + self.bias.to(x.dtype).view(self.bias.shape[0], *([1] * (x.dim() - 2)), -1)
 
 
+@dataclass
+class EvaluationContext:
+    """What a head may need to turn accumulated outputs into metrics at the end of an epoch.
+
+    stage: ``val`` or ``test``; split: the dataloader's name (``validation``, ``matched``);
+    datamodule: the running data module (SQuAD reads its examples and features);
+    log_dir: the run's log folder (SQuAD writes ``predictions.json`` there), or None.
+    """
+
+    stage: str
+    split: str
+    datamodule: Any = None
+    log_dir: Path | None = None
+
+
 class TaskHead(nn.Module):
     """The per-branch heads of one task kind.
 
@@ -64,7 +82,9 @@ class TaskHead(nn.Module):
     def aggregation_loss(self, outputs: Tensor, rho_logits: Tensor, batch: dict) -> Tensor:
         raise NotImplementedError
 
-    def allocation_distributions(self, outputs: Tensor, prior: Tensor, alpha: float) -> Tensor:
+    def allocation_distributions(
+        self, outputs: Tensor, prior: Tensor, alpha: float, batch: dict
+    ) -> Tensor:
         """``(M, B, C)`` debiased branch distributions ``p_i^m`` (Eq. 4), detached."""
         raise NotImplementedError
 
@@ -85,8 +105,43 @@ class TaskHead(nn.Module):
     def targets(self, batch: dict) -> Tensor:
         return batch["labels"]
 
-    def make_metrics(self) -> MetricCollection:
+    def has_targets(self, batch: dict) -> bool:
+        """False for unlabelled batches (GLUE test splits), which are not scored."""
+        labels = batch.get("labels")
+        return (
+            labels is not None and bool((labels >= 0).all())
+            if self.spec.kind == "classification"
+            else labels is not None
+        )
+
+    def make_metrics(self) -> nn.Module:
+        """The metric state of one branch on one evaluation split."""
         raise NotImplementedError
+
+    def update_metrics(
+        self, metrics: nn.ModuleDict, outputs: Tensor, rho_logits: Tensor, batch: dict
+    ) -> None:
+        """Accumulate one evaluation batch; ``metrics`` maps ``fused`` and each modality to the
+        object from :meth:`make_metrics`, in branch order after ``fused``."""
+        targets = self.targets(batch)
+        branches = list(metrics.keys())
+        metrics["fused"].update(self.fused_prediction(outputs, rho_logits), targets)
+        for index, name in enumerate(branches[1:]):
+            metrics[name].update(self.branch_prediction(outputs, index), targets)
+
+    def compute_metrics(
+        self, metrics: nn.ModuleDict, context: EvaluationContext
+    ) -> dict[str, Tensor]:
+        """``{metric: value}`` for the fused prediction and ``{metric/branch: value}`` for each
+        branch alone; resets the accumulated state."""
+        values: dict[str, Tensor] = {}
+        for branch, collection in metrics.items():
+            suffix = "" if branch == "fused" else f"/{branch}"
+            values.update(
+                {f"{name}{suffix}": value for name, value in collection.compute().items()}
+            )
+            collection.reset()
+        return values
 
 
 class ClassificationHead(TaskHead):
@@ -103,11 +158,15 @@ class ClassificationHead(TaskHead):
     def aggregation_loss(self, outputs, rho_logits, batch):
         return weighted_aggregation_loss(outputs.float(), rho_logits, batch["labels"])
 
-    def allocation_distributions(self, outputs, prior, alpha):
+    def allocation_distributions(self, outputs, prior, alpha, batch):
         return debiased_distribution(outputs.detach().float(), prior, alpha)
 
     def positive_keys(self, batch):
         return batch["labels"].long()
+
+    def has_targets(self, batch):
+        # GLUE test splits carry -1 for "no label"
+        return super().has_targets(batch) and bool((batch["labels"] >= 0).all())
 
     def fused_prediction(self, outputs, rho_logits):
         return mixture_probabilities(outputs.float(), rho_logits).argmax(-1)
@@ -149,7 +208,7 @@ class RegressionHead(TaskHead):
     def aggregation_loss(self, outputs, rho_logits, batch):
         return weighted_regression_loss(outputs.float(), rho_logits, batch["labels"].float())
 
-    def allocation_distributions(self, outputs, prior, alpha):
+    def allocation_distributions(self, outputs, prior, alpha, batch):
         soft = soft_bin_distribution(outputs.detach().float(), self.bins)
         return debiased_distribution(soft.clamp_min(1e-12).log(), prior, alpha)
 

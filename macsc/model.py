@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from .calibration import SelfBalancingCalibration
 from .errors import ConfigError
 from .fusion import ConceptEnhancer, masked_mean, sentence_pool
-from .heads import build_task_head
+from .heads import EvaluationContext, build_task_head
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor, Prototypes, build_extractor
 from .task import TaskSpec
@@ -254,7 +255,9 @@ class MaCSC(L.LightningModule):
             result["total"] = wa
             return result
         features = self.calibration.project(forward["pooled"])
-        distributions = self.head.allocation_distributions(outputs, self.class_prior, self.alpha)
+        distributions = self.head.allocation_distributions(
+            outputs, self.class_prior, self.alpha, batch
+        )
         keys = self.head.positive_keys(batch)
         if self.hparams.gather_across_devices:
             features, distributions, keys = self._gather(features, distributions, keys)
@@ -376,14 +379,25 @@ class MaCSC(L.LightningModule):
             if prefix not in self._updated:
                 continue
             self._updated.discard(prefix)
-            for branch, collection in self.metrics[prefix].items():
-                suffix = "" if branch == "fused" else f"/{branch}"
-                values = collection.compute()
-                self.log_dict(
-                    {f"{prefix}/{metric}{suffix}": value for metric, value in values.items()},
-                    prog_bar=branch == "fused",
-                )
-                collection.reset()
+            log_dir = self.trainer.log_dir if self._trainer is not None else None
+            context = EvaluationContext(
+                stage,
+                name,
+                getattr(self.trainer, "datamodule", None),
+                Path(log_dir) if log_dir else None,
+            )
+            values = self.head.compute_metrics(self.metrics[prefix], context)
+            self.log_dict(
+                {f"{prefix}/{metric}": value for metric, value in values.items() if "/" in metric}
+            )
+            self.log_dict(
+                {
+                    f"{prefix}/{metric}": value
+                    for metric, value in values.items()
+                    if "/" not in metric
+                },
+                prog_bar=True,
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

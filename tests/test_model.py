@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from macsc.allocation import coarse_weights, debiased_distribution, positive_weights
 from macsc.calibration import SelfBalancingCalibration
 from macsc.errors import ConfigError
 from macsc.losses import multiscale_self_balancing_loss, self_balancing_contrastive_loss
-from macsc.allocation import coarse_weights, positive_weights, debiased_distribution
 from macsc.model import MaCSC
 
 GAUSSIAN = {
@@ -16,8 +16,20 @@ GAUSSIAN = {
     "video": {"kind": "gaussian", "dim": 24, "k": 4, "seed": 2},
 }
 CLASSIFICATION = {"kind": "classification", "num_labels": 3, "metrics": ["accuracy", "f1"]}
-REGRESSION = {"kind": "regression", "num_labels": 1, "metrics": ["spearman", "pearson"], "label_bins": [0, 1, 2, 3, 4, 5]}
-SENTENCES = ["a red apple on the table", "the sky is blue", "a loud drum", "green grass", "a dog barks", "snow is white"]
+REGRESSION = {
+    "kind": "regression",
+    "num_labels": 1,
+    "metrics": ["spearman", "pearson"],
+    "label_bins": [0, 1, 2, 3, 4, 5],
+}
+SENTENCES = [
+    "a red apple on the table",
+    "the sky is blue",
+    "a loud drum",
+    "green grass",
+    "a dog barks",
+    "snow is white",
+]
 
 
 def make_batch(model: MaCSC, tokenizer_path: str, labels: torch.Tensor) -> dict:
@@ -31,13 +43,25 @@ def make_batch(model: MaCSC, tokenizer_path: str, labels: torch.Tensor) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("modalities", [["text"], ["text", "image"], ["text", "image", "audio"], ["text", "image", "audio", "video"]])
-@pytest.mark.parametrize("task,labels", [
-    (CLASSIFICATION, torch.tensor([0, 1, 2, 0, 1, 1])),
-    (REGRESSION, torch.tensor([0.0, 4.6, 2.2, 3.0, 5.0, 1.4])),
-])
+@pytest.mark.parametrize(
+    "modalities",
+    [["text"], ["text", "image"], ["text", "image", "audio"], ["text", "image", "audio", "video"]],
+)
+@pytest.mark.parametrize(
+    "task,labels",
+    [
+        (CLASSIFICATION, torch.tensor([0, 1, 2, 0, 1, 1])),
+        (REGRESSION, torch.tensor([0.0, 4.6, 2.2, 3.0, 5.0, 1.4])),
+    ],
+)
 def test_forward_backward_every_modality_set_and_kind(tiny_backbone, modalities, task, labels):
-    model = MaCSC(backbone=tiny_backbone, modalities=modalities, prototypes=GAUSSIAN, task=task, enhancer_heads=4)
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=modalities,
+        prototypes=GAUSSIAN,
+        task=task,
+        enhancer_heads=4,
+    )
     batch = make_batch(model, tiny_backbone, labels)
     forward = model(batch)
     M = len(modalities)
@@ -59,19 +83,34 @@ def test_forward_backward_every_modality_set_and_kind(tiny_backbone, modalities,
 
 
 def test_lambda_zero_gives_the_aggregation_loss_alone(tiny_backbone):
-    model = MaCSC(backbone=tiny_backbone, modalities=["text", "image"], prototypes=GAUSSIAN, task=CLASSIFICATION, lambda_msb=0.0, enhancer_heads=4)
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=["text", "image"],
+        prototypes=GAUSSIAN,
+        task=CLASSIFICATION,
+        lambda_msb=0.0,
+        enhancer_heads=4,
+    )
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     losses = model.compute_losses(batch, model(batch))
     assert torch.equal(losses["total"], losses["wa"])
 
 
 def test_enhancement_false_skips_attention(tiny_backbone):
-    model = MaCSC(backbone=tiny_backbone, modalities=["text", "image"], prototypes=GAUSSIAN, task=CLASSIFICATION, enhancement=False)
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=["text", "image"],
+        prototypes=GAUSSIAN,
+        task=CLASSIFICATION,
+        enhancement=False,
+    )
     assert not hasattr(model.enhancers["image"], "attention")
     model.eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
-        text_only = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        text_only = model.backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         pooled = model(batch)["pooled"]
     # the text branch reads H^t unchanged; the image branch is the masked mean of P_m
     assert torch.allclose(pooled[0], text_only[:, 0], atol=1e-6)
@@ -81,14 +120,26 @@ def test_enhancement_false_skips_attention(tiny_backbone):
 
 
 def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
-    model = MaCSC(backbone=tiny_backbone, modalities=["text", "image", "audio"], prototypes=GAUSSIAN, task=CLASSIFICATION, enhancer_heads=4).eval()
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=["text", "image", "audio"],
+        prototypes=GAUSSIAN,
+        task=CLASSIFICATION,
+        enhancer_heads=4,
+    ).eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
-        text = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]).last_hidden_state
+        text = model.backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).last_hidden_state
         enhanced = []
         for name in ("image", "audio"):
             p = batch["prototypes"][name]
-            enhanced.append(model.enhancers[name](text, batch["attention_mask"], p["features"], p["mask"])[0])
+            enhanced.append(
+                model.enhancers[name](text, batch["attention_mask"], p["features"], p["mask"])[0]
+            )
         expected = torch.stack(enhanced).mean(0)[:, 0]
         assert torch.allclose(model(batch)["pooled"][0], expected, atol=1e-5)
 
@@ -110,28 +161,43 @@ def test_calibration_module_equals_functional_eq13():
         for b, k in enumerate(modalities):
             if a != b:
                 w = positive_weights(dists[a], dists[b], mask)
-                pair_losses[(m, k)] = self_balancing_contrastive_loss(feats[a], feats[b], w, mask, 0.2)
-    expected = multiscale_self_balancing_loss(pair_losses, coarse_weights(calibration.z), modalities)
+                pair_losses[(m, k)] = self_balancing_contrastive_loss(
+                    feats[a], feats[b], w, mask, 0.2
+                )
+    expected = multiscale_self_balancing_loss(
+        pair_losses, coarse_weights(calibration.z), modalities
+    )
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_prior_debiasing_changes_allocation(tiny_backbone):
-    model = MaCSC(backbone=tiny_backbone, modalities=["text", "image"], prototypes=GAUSSIAN, task=CLASSIFICATION, enhancer_heads=4)
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=["text", "image"],
+        prototypes=GAUSSIAN,
+        task=CLASSIFICATION,
+        enhancer_heads=4,
+    )
     logits = torch.randn(2, 4, 3)
     prior = torch.tensor([0.7, 0.2, 0.1])
-    got = model.head.allocation_distributions(logits, prior, 1.0)
+    got = model.head.allocation_distributions(logits, prior, 1.0, {})
     assert torch.allclose(got, debiased_distribution(logits, prior, 1.0))
     assert not got.requires_grad
 
 
-@pytest.mark.parametrize("modalities,message", [
-    (["image", "text"], "must start with 'text'"),
-    (["text", "smell"], "unknown modality 'smell'"),
-    ([], "must start with 'text'"),
-])
+@pytest.mark.parametrize(
+    "modalities,message",
+    [
+        (["image", "text"], "must start with 'text'"),
+        (["text", "smell"], "unknown modality 'smell'"),
+        ([], "must start with 'text'"),
+    ],
+)
 def test_bad_modalities_are_clear(tiny_backbone, modalities, message):
     with pytest.raises(ConfigError, match=message):
-        MaCSC(backbone=tiny_backbone, modalities=modalities, prototypes=GAUSSIAN, task=CLASSIFICATION)
+        MaCSC(
+            backbone=tiny_backbone, modalities=modalities, prototypes=GAUSSIAN, task=CLASSIFICATION
+        )
 
 
 def test_missing_backbone_is_clear(tmp_path):

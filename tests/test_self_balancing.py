@@ -50,7 +50,7 @@ def train_pi_z(weight_normalization: str, steps: int = 250, lam: float = 1.0) ->
         positives = labels[:, None] == labels[None, :]
         out = calibration(
             calibration.project(pooled),
-            head.allocation_distributions(logits, prior, 1.0),
+            head.allocation_distributions(logits, prior, 1.0, {}),
             positives,
         )
         optimizer.zero_grad()
