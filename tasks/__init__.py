@@ -1,0 +1,15 @@
+"""Data modules, one per task family; each declares its TaskSpec and yields MaCSC batches."""
+
+from .base import MaCSCDataModule, TextSplit
+from .demo import DemoDataModule
+from .glue import GLUE_TASKS, GLUEDataModule, TableDataModule, TableFormat
+
+__all__ = [
+    "GLUE_TASKS",
+    "DemoDataModule",
+    "GLUEDataModule",
+    "MaCSCDataModule",
+    "TableDataModule",
+    "TableFormat",
+    "TextSplit",
+]

@@ -1,0 +1,507 @@
+"""The data module every MaCSC task builds on.
+
+A task subclass declares what it produces (:attr:`MaCSCDataModule.task_spec`), which splits it
+has (:meth:`~MaCSCDataModule.split_names`) and how to read one
+(:meth:`~MaCSCDataModule.load_split`); this base does the rest the same way for every task:
+tokenisation, prototype tables (SPEC sections 1.7 and 8), ``data_fraction``, batches, loaders.
+
+A batch is a dict, padded to the longest sequence in the batch:
+
+- ``input_ids`` ``(B, l)`` long, ``attention_mask`` ``(B, l)`` long, ``token_type_ids``
+  ``(B, l)`` long when the tokenizer makes them;
+- ``labels`` ``(B,)``, long for classification, float for regression; absent for an unlabelled
+  split;
+- ``example_index`` ``(B,)`` long, the position of each example in its split (after
+  ``data_fraction``), so predictions can be written back in order;
+- ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m) float, "mask": (B, n_seg * k)
+  bool}}`` for every cacheable extractor; the segments' prototypes are concatenated along the
+  token axis in segment order (SPEC 1.7);
+- ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
+  no entry in ``prototypes``; the model extracts from the texts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from macsc.errors import ConfigError, DataError
+from macsc.prototypes import PrototypeExtractor, PrototypeTable, prototype_table
+from macsc.task import TaskSpec
+
+ROLES = ("train", "validation", "test")
+# Tokens the collator pads; every other item field is a scalar stacked into a (B,) tensor.
+PADDED_FIELDS = ("input_ids", "token_type_ids")
+
+
+@dataclass
+class TextSplit:
+    """The raw examples of one split.
+
+    name: the split's name (``train``, ``validation_matched``, ...).
+    source: where it was read from (a file or a hub dataset), named in error messages.
+    segments: one list of ``N`` texts per segment column (two for pair tasks).
+    labels: ``N`` labels (int class indices or float scores), or None when the split is unlabelled.
+    """
+
+    name: str
+    source: str
+    segments: list[list[str]]
+    labels: list[int] | list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.segments[0])
+
+    def subset(self, indices: list[int]) -> TextSplit:
+        """The examples at ``indices``, in that order."""
+        return TextSplit(
+            self.name,
+            self.source,
+            [[texts[i] for i in indices] for texts in self.segments],
+            None if self.labels is None else [self.labels[i] for i in indices],
+        )
+
+
+def fraction_indices(size: int, fraction: float, seed: int) -> list[int]:
+    """Sorted indices of a seeded random ``fraction`` of ``size`` examples (at least one).
+
+    Depends only on ``(size, fraction, seed)``, so every DDP rank, and ``prepare_data`` and
+    ``setup``, pick the same subset.
+    """
+    if fraction >= 1.0:
+        return list(range(size))
+    count = max(1, round(size * fraction))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
+
+
+def nearest_bin(values: Tensor, bins: list[float]) -> Tensor:
+    """Index of the nearest bin centre for each value: ``(N,)`` float -> ``(N,)`` long.
+
+    A value halfway between two centres goes to the lower one.
+    """
+    centres = torch.tensor(bins, dtype=torch.float)
+    return (values.float()[:, None] - centres[None, :]).abs().argmin(dim=1)
+
+
+class EncodedSplit(Dataset):
+    """Tokenised examples of one split: one dict of python values per item, unpadded.
+
+    columns: field name -> ``N`` values; ``input_ids`` (and ``token_type_ids``) hold lists of
+    ints, every other field one scalar per example (``example_index``, ``labels``, ...).
+    """
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {name: values[index] for name, values in self.columns.items()}
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.columns["input_ids"]]
+
+
+def pad(sequences: list[list[int]], value: int) -> Tensor:
+    """Right-pad lists of ints to the longest: ``(B, l)`` long."""
+    out = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+def gather_prototypes(tables: list[PrototypeTable], indices: Tensor) -> dict[str, Tensor]:
+    """Prototypes of examples ``indices`` (``(B,)``), one table per segment, concatenated.
+
+    Returns ``features`` ``(B, n_seg * k, d)`` float and ``mask`` ``(B, n_seg * k)`` bool.
+    """
+    parts = [table.lookup(indices) for table in tables]
+    return {
+        "features": torch.cat([part.features for part in parts], dim=1).float(),
+        "mask": torch.cat([part.mask for part in parts], dim=1).bool(),
+    }
+
+
+@dataclass
+class Collator:
+    """Turns a list of :class:`EncodedSplit` items into a batch (format in the module docstring).
+
+    pad_token_id: the tokenizer's padding id. segments: the split's texts, per segment column.
+    tables: modality -> one :class:`PrototypeTable` per segment column, rows = split examples.
+    """
+
+    pad_token_id: int
+    segments: list[list[str]]
+    tables: dict[str, list[PrototypeTable]]
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids = [item["input_ids"] for item in items]
+        batch: dict[str, Any] = {
+            "input_ids": pad(input_ids, self.pad_token_id),
+            "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0),
+        }
+        if "token_type_ids" in items[0]:
+            batch["token_type_ids"] = pad([item["token_type_ids"] for item in items], 0)
+        for name in items[0].keys() - set(PADDED_FIELDS):
+            batch[name] = torch.tensor([item[name] for item in items])
+        indices = batch["example_index"]
+        batch["prototypes"] = {
+            modality: gather_prototypes(tables, indices) for modality, tables in self.tables.items()
+        }
+        batch["segments"] = [[texts[i] for i in indices.tolist()] for texts in self.segments]
+        return batch
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled order in which neighbouring examples have similar lengths (less padding).
+
+    Each epoch: a seeded permutation, cut into mega-batches of 50 batches, each sorted by length,
+    cut into batches whose order is shuffled again. Under DDP each rank takes every
+    ``world_size``-th index of that order, so its batches stay length-homogeneous. Being a
+    ``DistributedSampler``, Lightning uses it as is instead of wrapping (and reshuffling) it.
+    """
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            lengths,
+            num_replicas=dist.get_world_size() if distributed else 1,
+            rank=dist.get_rank() if distributed else 0,
+            shuffle=True,
+            seed=seed,
+        )
+        self.lengths = lengths
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        step = self.batch_size * self.num_replicas  # one batch on every rank
+        span = step * self.MEGA_BATCHES
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i : i + step] for i in range(0, len(chunk), step)]
+        grouped = [i for b in torch.randperm(len(batches), generator=generator) for i in batches[b]]
+        grouped += grouped[: self.total_size - len(grouped)]
+        return iter(grouped[self.rank : self.total_size : self.num_replicas])
+
+
+class MaCSCDataModule(L.LightningDataModule):
+    """Base data module: a task subclass provides ``task_spec``, ``split_names``, ``load_split``.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size of the validation, test and predict loaders.
+        num_workers: DataLoader worker processes.
+        max_length: longest tokenised input; longer inputs are truncated (pairs: longest first).
+        data_fraction: the fraction of the training split to use, in (0, 1] (the paper's 5%
+            low-resource setting is 0.05); a seeded random subset, the same on every rank.
+        seed: seed of the subset and of the training shuffle.
+        prototype_batch_size: texts per extractor call when filling the prototype cache.
+        cache_dir: prototype cache folder; None uses ``$MACSC_CACHE`` or ``~/.cache/macsc``,
+            False turns the on-disk cache off.
+        group_by_length: batch training examples of similar length together (faster).
+        pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
+        test_on: the split ``trainer.test`` evaluates, ``validation`` (labelled) or ``test``.
+        predict_on: the split ``trainer.predict`` runs on, ``test`` or ``validation``.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        max_length: int = 128,
+        data_fraction: float = 1.0,
+        seed: int = 42,
+        prototype_batch_size: int = 64,
+        cache_dir: str | bool | None = None,
+        group_by_length: bool = False,
+        pin_memory: bool | None = None,
+        test_on: str = "validation",
+        predict_on: str = "test",
+    ) -> None:
+        super().__init__()
+        if not 0.0 < data_fraction <= 1.0:
+            raise ConfigError(
+                f"data option data_fraction={data_fraction} is outside (0, 1]; "
+                "use e.g. 0.05 for the paper's 5% low-resource setting or 1.0 for all data"
+            )
+        for option, value in (("test_on", test_on), ("predict_on", predict_on)):
+            if value not in ROLES[1:]:
+                raise ConfigError(
+                    f"data option {option}={value!r} is unknown; choose 'validation' or 'test'"
+                )
+        for option, value in (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_length", max_length),
+            ("prototype_batch_size", prototype_batch_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"data option {option}={value} must be a positive integer")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.data_fraction = data_fraction
+        self.seed = seed
+        self.prototype_batch_size = prototype_batch_size
+        self.cache_dir = cache_dir
+        self.group_by_length = group_by_length
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.test_on = test_on
+        self.predict_on = predict_on
+        self._tokenizer: Any = None
+        self._extractors: dict[str, PrototypeExtractor] | None = None
+        self._texts: dict[str, TextSplit] = {}
+        self._tables: dict[str, dict[str, list[PrototypeTable]]] = {}
+        self._encoded: dict[str, EncodedSplit] = {}
+
+    # What a task declares.
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """What the task produces; known at construction, before any data is read."""
+        raise NotImplementedError
+
+    def split_names(self, role: str) -> list[str]:
+        """The split names behind a role (``train``, ``validation``, ``test``).
+
+        Validation has one split per name in ``task_spec.val_names``, in that order.
+        """
+        return [role]
+
+    def load_split(self, name: str) -> TextSplit:
+        """Read split ``name``; raise :class:`DataError` when it is missing or malformed."""
+        raise NotImplementedError
+
+    def encode(self, split: TextSplit) -> EncodedSplit:
+        """Tokenise a split (one or two segments), unpadded, truncated to ``max_length``."""
+        encoded = self.tokenizer(
+            *split.segments,
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=False,
+        )
+        columns: dict[str, list] = {"input_ids": encoded["input_ids"]}
+        if "token_type_ids" in encoded:
+            columns["token_type_ids"] = encoded["token_type_ids"]
+        columns["example_index"] = list(range(len(split)))
+        if split.labels is not None:
+            columns["labels"] = list(split.labels)
+        return EncodedSplit(columns)
+
+    # Wiring: what is known only once the model is built.
+
+    def connect(
+        self,
+        tokenizer: Any,
+        extractors: Mapping[str, PrototypeExtractor],
+        modalities: list[str] | None = None,
+    ) -> None:
+        """Give the data module the backbone's tokenizer and the prototype extractors.
+
+        tokenizer: a Hugging Face name or path, or a tokenizer object.
+        extractors: non-text modality -> extractor. modalities: the run's modalities (``text``
+        first); when given, only their extractors are used, and each must be present.
+        """
+        wanted = [m for m in (modalities or list(extractors)) if m != "text"]
+        missing = [m for m in wanted if m not in extractors]
+        if missing:
+            raise ConfigError(
+                f"modalities {missing} have no prototype extractor (extractors given: "
+                f"{sorted(extractors)}); configure one for each non-text modality"
+            )
+        self._tokenizer = tokenizer
+        self._extractors = {m: extractors[m] for m in wanted}
+        self._tables.clear()
+        self._encoded.clear()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The connected tokenizer, loaded on first use when it was given by name."""
+        self._ensure_connected()
+        if isinstance(self._tokenizer, str | os.PathLike):
+            self._tokenizer = load_tokenizer(str(self._tokenizer))
+        return self._tokenizer
+
+    @property
+    def extractors(self) -> dict[str, PrototypeExtractor]:
+        self._ensure_connected()
+        return self._extractors
+
+    def _ensure_connected(self) -> None:
+        """Connect from the trainer's model (``backbone_name``, ``extractors``) if not yet done."""
+        if self._extractors is not None:
+            return
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        backbone = getattr(module, "backbone_name", None)
+        extractors = getattr(module, "extractors", None)
+        if isinstance(backbone, str | os.PathLike) and extractors is not None:
+            self.connect(backbone, dict(extractors.items()), getattr(module, "modalities", None))
+            return
+        raise ConfigError(
+            f"{type(self).__name__} has no tokenizer or prototype extractors: call "
+            "datamodule.connect(tokenizer, extractors) before use, or run it in a Trainer with "
+            "a model that has backbone_name and extractors (the macsc CLI does this for you)"
+        )
+
+    # Lightning hooks.
+
+    def prepare_data(self) -> None:
+        """Read the splits the trainer's stage needs and fill the prototype cache for them.
+
+        Lightning runs this on global rank 0 only; the other ranks read the cache in ``setup``.
+        """
+        trainer = getattr(self, "trainer", None)
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        for name, needs_labels in self._splits_for(getattr(stage, "value", stage)):
+            self._prototype_tables(name, self._text_split(name, needs_labels))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, tokenise and look up the prototypes of the splits ``stage`` needs."""
+        for name, needs_labels in self._splits_for(stage):
+            self._dataset(name, needs_labels)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train", needs_labels=True)
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.seed)
+            return self._loader("train", dataset, self.batch_size, sampler=sampler)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader("train", dataset, self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders("validation", needs_labels=True)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.test_on, needs_labels=True)
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.predict_on, needs_labels=False)
+
+    def train_label_classes(self) -> Tensor:
+        """The class of every training example in use (after ``data_fraction``): ``(N,)`` long.
+
+        Regression: the index of the nearest of ``task_spec.label_bins``. Span tasks have no
+        classes and return an empty tensor. Reads labels only: needs no tokenizer.
+        """
+        spec = self.task_spec
+        if spec.kind == "span":
+            return torch.empty(0, dtype=torch.long)
+        labels = torch.tensor(self._text_split("train", needs_labels=True).labels)
+        if spec.kind == "regression":
+            return nearest_bin(labels, spec.label_bins)
+        return labels.long()
+
+    # Internals.
+
+    def _splits_for(self, stage: str | None) -> list[tuple[str, bool]]:
+        """(split name, needs labels) for each split a stage reads; None reads what fit reads."""
+        roles = {
+            "fit": [("train", True), ("validation", True)],
+            "validate": [("validation", True)],
+            "test": [(self.test_on, True)],
+            "predict": [(self.predict_on, False)],
+        }.get(stage or "fit", [])
+        return [(name, labelled) for role, labelled in roles for name in self.split_names(role)]
+
+    def _text_split(self, name: str, needs_labels: bool) -> TextSplit:
+        """Split ``name`` read once, checked, and cut to ``data_fraction`` when it is train."""
+        if name not in self._texts:
+            split = self.load_split(name)
+            if len(split) == 0:
+                raise DataError(f"the {name!r} split ({split.source}) is empty: it has no examples")
+            if name == "train":
+                split = split.subset(fraction_indices(len(split), self.data_fraction, self.seed))
+            self._texts[name] = split
+        split = self._texts[name]
+        if needs_labels and split.labels is None:
+            raise DataError(
+                f"the {name!r} split ({split.source}) has no labels, and evaluating or training "
+                "on it needs them; use a labelled file, or trainer.predict for unlabelled data "
+                "(data option test_on=validation evaluates on the labelled validation split)"
+            )
+        return split
+
+    def _prototype_tables(self, name: str, split: TextSplit) -> dict[str, list[PrototypeTable]]:
+        """modality -> one table per segment column, for every cacheable extractor."""
+        if name not in self._tables:
+            options = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            self._tables[name] = {
+                modality: [
+                    prototype_table(
+                        extractor,
+                        texts,
+                        batch_size=self.prototype_batch_size,
+                        progress=True,
+                        description=f"{modality} prototypes, {name} segment {i + 1}",
+                        **options,
+                    )
+                    for i, texts in enumerate(split.segments)
+                ]
+                for modality, extractor in self.extractors.items()
+                if extractor.cacheable
+            }
+        return self._tables[name]
+
+    def _dataset(self, name: str, needs_labels: bool) -> EncodedSplit:
+        """Split ``name`` tokenised once, with its prototype tables ready for the collator."""
+        split = self._text_split(name, needs_labels)
+        if name not in self._encoded:
+            self._prototype_tables(name, split)
+            self._encoded[name] = self.encode(split)
+        return self._encoded[name]
+
+    def _loader(self, name: str, dataset: EncodedSplit, batch_size: int, **options) -> DataLoader:
+        pad_token_id = self.tokenizer.pad_token_id
+        collate = Collator(
+            0 if pad_token_id is None else pad_token_id,
+            self._texts[name].segments,
+            self._tables[name],
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **options,
+        )
+
+    def _eval_loaders(self, role: str, needs_labels: bool) -> DataLoader | list[DataLoader]:
+        loaders = [
+            self._loader(name, self._dataset(name, needs_labels), self.eval_batch_size)
+            for name in self.split_names(role)
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+
+def load_tokenizer(name: str) -> Any:
+    """A Hugging Face tokenizer by name or path; a ConfigError that says why when it fails."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ConfigError(
+            f"could not load the tokenizer {name!r} ({first_line}); give a local folder with "
+            "tokenizer files, or run once online so the Hugging Face cache holds it"
+        ) from error
