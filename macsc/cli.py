@@ -26,13 +26,18 @@ def _cli_class():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(
-                "data", "model.task", compute_fn=lambda data: data.task_spec.to_dict(), apply_on="instantiate"
+                "data",
+                "model.task",
+                compute_fn=lambda data: data.task_spec.to_dict(),
+                apply_on="instantiate",
             )
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
             if self.datamodule is not None and hasattr(self.datamodule, "connect"):
-                self.datamodule.connect(self.model.backbone_name, self.model.extractors, self.model.modalities)
+                self.datamodule.connect(
+                    self.model.backbone_name, self.model.extractors, self.model.modalities
+                )
 
     return MacscCLI
 
@@ -58,7 +63,9 @@ def fill_prototype_cache(args: list[str]) -> None:
     """``macsc prototypes --config FILE``: build the model's extractors and fill the cache."""
     cli = run_lightning(args, run=False)
     cli.datamodule.prepare_data()
-    print(f"prototype cache ready for {type(cli.datamodule).__name__} ({', '.join(cli.model.modalities[1:]) or 'no modality'})")
+    print(
+        f"prototype cache ready for {type(cli.datamodule).__name__} ({', '.join(cli.model.modalities[1:]) or 'no modality'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
