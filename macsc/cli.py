@@ -33,7 +33,16 @@ def _cli_class():
             )
 
         def instantiate_classes(self) -> None:
-            super().instantiate_classes()
+            from .errors import MacscError
+
+            MacscError.last = None
+            try:
+                super().instantiate_classes()
+            except ValueError as error:
+                ours = MacscError.last
+                if ours is not None and str(ours) in str(error):
+                    raise ours from error
+                raise
             if self.datamodule is not None and hasattr(self.datamodule, "connect"):
                 self.datamodule.connect(
                     self.model.backbone_name, self.model.extractors, self.model.modalities
@@ -42,8 +51,8 @@ def _cli_class():
     return MacscCLI
 
 
-def run_lightning(args: list[str], run: bool = True):
-    """Build (and by default run) the LightningCLI on ``args``."""
+def run_lightning(args: list[str] | None, run: bool = True):
+    """Build (and by default run) the LightningCLI on ``args`` (None: the command line)."""
     from lightning import LightningDataModule
 
     from .model import MaCSC
@@ -69,6 +78,7 @@ def fill_prototype_cache(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     if not argv or argv[0] in ("-h", "--help"):
@@ -84,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "prototypes":
             fill_prototype_cache(argv[1:])
             return 0
-        run_lightning(argv)
+        # LightningCLI warns when given args while sys.argv has some too
+        run_lightning(None if from_command_line else argv)
         return 0
     except MacscError as error:
         print(f"macsc: error: {error}", file=sys.stderr)

@@ -9,6 +9,14 @@ as one line and exits with status 2 instead of showing a traceback.
 class MacscError(Exception):
     """A user-facing error: the message names the file, option or value and the fix."""
 
+    #: the most recently created one: jsonargparse re-wraps errors raised while it instantiates
+    #: a subclass-mode argument into a ValueError, and the CLI recovers ours through this
+    last: "MacscError | None" = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        MacscError.last = self
+
 
 class DataError(MacscError, ValueError):
     """A data file or split is missing, malformed, empty, or holds a bad value."""

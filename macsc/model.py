@@ -118,7 +118,10 @@ class MaCSC(L.LightningModule):
         self.save_hyperparameters()
         self.modalities = modalities
         self.spec = TaskSpec.from_dict(task)
-        self.backbone = _load_backbone(backbone, backbone_kwargs or {})
+        # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
+        self.backbone = _load_backbone(backbone, backbone_kwargs or {}).train()
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # unused (we pool ourselves); DDP rejects unused parameters
         config = self.backbone.config
         hidden = config.hidden_size if hasattr(config, "hidden_size") else config.d_model
         if dropout is None:
@@ -161,15 +164,20 @@ class MaCSC(L.LightningModule):
         self.dropout = nn.Dropout(dropout)
         self.head = build_task_head(self.spec, len(modalities), hidden)
         self.rho_logits = nn.Parameter(torch.zeros(len(modalities)))
-        self.calibration = SelfBalancingCalibration(
-            modalities, hidden, proj_dim, tau, weight_normalization, reduction
+        # no calibration parameters at all when L_msb is off: DDP rejects unused parameters
+        self.calibration = (
+            SelfBalancingCalibration(
+                modalities, hidden, proj_dim, tau, weight_normalization, reduction
+            )
+            if lambda_msb != 0 and len(modalities) > 1
+            else None
         )
         self.register_buffer(
             "class_prior", torch.full((self.head.prior_size,), 1.0 / self.head.prior_size)
         )
         self.alpha = alpha if self.head.uses_prior else 0.0
         self.register_buffer(
-            "_agreement_sum", torch.zeros(len(self.calibration.pair_names)), persistent=False
+            "_agreement_sum", torch.zeros(len(modalities) * (len(modalities) - 1)), persistent=False
         )
         self.register_buffer("_agreement_count", torch.zeros(()), persistent=False)
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
@@ -251,7 +259,7 @@ class MaCSC(L.LightningModule):
         outputs = forward["outputs"]
         wa = self.head.aggregation_loss(outputs, self.rho_logits, batch)
         result: dict[str, Any] = {"wa": wa}
-        if self.hparams.lambda_msb == 0 or len(self.modalities) < 2:
+        if self.calibration is None:
             result["total"] = wa
             return result
         features = self.calibration.project(forward["pooled"])
@@ -350,20 +358,16 @@ class MaCSC(L.LightningModule):
         forward = self(batch)
         outputs = forward["outputs"]
         prefix = _metric_prefix(stage, self.spec.val_names[dataloader_idx], self.spec.val_names)
-        if "labels" not in batch:
+        if not self.head.has_targets(batch):
             return
-        targets = self.head.targets(batch)
-        metrics = self.metrics[prefix]
         self._updated.add(prefix)
-        metrics["fused"].update(self.head.fused_prediction(outputs, self.rho_logits), targets)
-        for index, name in enumerate(self.modalities):
-            metrics[name].update(self.head.branch_prediction(outputs, index), targets)
+        self.head.update_metrics(self.metrics[prefix], outputs, self.rho_logits, batch)
         loss = self.head.aggregation_loss(outputs, self.rho_logits, batch)
         self.log(
             f"{prefix}/loss",
             loss,
             on_epoch=True,
-            batch_size=targets.shape[0],
+            batch_size=batch["input_ids"].shape[0],
             add_dataloader_idx=False,
         )
 
@@ -420,7 +424,7 @@ class MaCSC(L.LightningModule):
         if (
             self.trainer.sanity_checking
             or not hasattr(experiment, "add_figure")
-            or len(self.modalities) < 2
+            or self.calibration is None
         ):
             return
         if self.global_rank != 0:

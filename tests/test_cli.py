@@ -1,0 +1,219 @@
+"""The `macsc` command end to end: configs parse, the demo trains, TensorBoard gets the weights,
+checkpoints reload, DDP (gloo) runs, and bad input stops with one clear line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from macsc.cli import main
+from macsc.model import MaCSC
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "lightning_configs").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "lightning_configs").glob("*/*.yaml"))
+SMALL_PROTOTYPES = json.dumps(
+    {
+        "image": {"kind": "gaussian", "dim": 16, "k": 4},
+        "audio": {"kind": "gaussian", "dim": 24, "k": 4, "seed": 1},
+        "video": {"kind": "gaussian", "dim": 16, "k": 4, "seed": 2},
+    }
+)
+
+
+def demo_args(tiny_backbone: str, root: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "lightning_configs" / "demo.yaml"),
+        "--model.backbone",
+        tiny_backbone,
+        "--model.prototypes",
+        SMALL_PROTOTYPES,
+        "--model.enhancer_heads",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.batch_size",
+        "16",
+        *extra,
+    ]
+
+
+def event_tags(root: Path) -> tuple[set[str], set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for events in root.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+        images |= set(accumulator.Tags()["images"])
+    return scalars, images
+
+
+def scalar_steps(root: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in root.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            steps += [event.step for event in accumulator.Scalars(tag)]
+    return steps
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_offline(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_overlay_composes_with_a_base_config(overlay, capsys):
+    base = "squad_v2.yaml" if overlay.parent.name == "squad" else "glue_sst2.yaml"
+    if not (ROOT / "lightning_configs" / base).exists():
+        pytest.skip(f"{base} not shipped")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "lightning_configs" / base),
+                "--config",
+                str(overlay),
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("demo_run")
+    assert main(["fit", *demo_args(tiny_backbone, root)]) == 0
+    return root
+
+
+def test_demo_fit_logs_modality_weights_to_tensorboard(demo_run):
+    scalars, images = event_tags(demo_run)
+    for modality in ("text", "image", "audio", "video"):
+        assert f"weights/rho/{modality}" in scalars
+    for pair in ("text->image", "image->audio", "video->text"):
+        assert f"weights/pair/{pair}" in scalars
+        assert f"loss/pair/{pair}" in scalars
+    assert {
+        "loss/total",
+        "loss/wa",
+        "loss/msb",
+        "lr",
+        "val/accuracy",
+        "val/accuracy/image",
+    } <= scalars
+    assert {"weights/pi_z", "weights/W_fine"} <= images
+
+
+def test_checkpoint_reloads_with_what_only_the_data_knew(demo_run):
+    checkpoint = next(demo_run.rglob("last.ckpt"))
+    model = MaCSC.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert model.spec.kind == "classification" and model.spec.num_labels == 2
+    assert model.modalities == ["text", "image", "audio", "video"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(model.class_prior, state["class_prior"])
+    # the prior came from the demo's balanced training split (add-one smoothed)
+    assert torch.allclose(model.class_prior, torch.tensor([0.5, 0.5]))
+
+
+def test_resume_with_ckpt_path_continues_the_run(demo_run, tiny_backbone, tmp_path):
+    checkpoint = next(demo_run.rglob("last.ckpt"))
+    saved_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    args = demo_args(
+        tiny_backbone, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", str(checkpoint)
+    )
+    assert main(["fit", *args]) == 0
+    steps = scalar_steps(tmp_path, "loss/total")
+    # it continued from the saved step instead of starting over, and ran to max_steps (6)
+    assert saved_at > 0 and min(steps) == saved_at and max(steps) == 5, (saved_at, steps)
+
+
+def test_demo_fit_under_cpu_ddp(tiny_backbone, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "macsc"),
+        "fit",
+        *demo_args(tiny_backbone, tmp_path),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scalars, _ = event_tags(tmp_path)
+    assert "weights/rho/image" in scalars and "weights/pair/image->audio" in scalars
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model.modalities", "[text, smell]"], "unknown modality 'smell'"),
+        (["--model.modalities", "[]"], "must start with 'text'"),
+        (["--data.init_args.data_fraction", "1.5"], "data_fraction"),
+    ],
+)
+def test_bad_options_stop_with_one_clear_line(tiny_backbone, tmp_path, capsys, extra, message):
+    assert main(["fit", *demo_args(tiny_backbone, tmp_path, *extra)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("macsc: error:") and message in err[-1]
+
+
+def test_unknown_config_key_is_lightning_clis_own_error(tiny_backbone, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *demo_args(tiny_backbone, tmp_path, "--model.no_such_option", "1")])
+    assert exit_info.value.code == 2
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_missing_data_file_names_it(tiny_backbone, tmp_path, capsys):
+    config = tmp_path / "glue.yaml"
+    config.write_text(
+        "data:\n  class_path: tasks.glue.GLUEDataModule\n  init_args:\n    task: sst2\n"
+        f"    data_files: {{train: {tmp_path}/missing_train.tsv, validation: {tmp_path}/dev.tsv}}\n"
+    )
+    args = [
+        "--config",
+        str(config),
+        "--model.backbone",
+        tiny_backbone,
+        "--model.modalities",
+        "[text]",
+    ]
+    args += [
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
+    assert main(["fit", *args]) == 2
+    assert "missing_train.tsv" in capsys.readouterr().err
