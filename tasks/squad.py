@@ -1,0 +1,301 @@
+"""SQuAD v1.1 / v2.0 (extractive QA) as a MaCSC task: windows over the context as training items,
+start/end positions as targets, prototypes of the question and of the context (SPEC 1.7, 3, 4).
+
+One *example* is a question with its context; one *feature* is a window of ``max_length`` tokens
+over that context (consecutive windows share ``doc_stride`` tokens). Training and evaluation
+iterate over features; post-processing gathers each question's windows back into one answer
+(:mod:`macsc.qa`). Besides the base batch fields (:mod:`tasks.base`, ``example_index`` there is
+the feature's question), a batch holds:
+
+- ``start_positions``, ``end_positions`` ``(B,)`` long: the first gold answer's first and last
+  token in the window, or ``cls_index`` when the question is unanswerable or the answer is not
+  wholly inside this window;
+- ``cls_index`` ``(B,)``: the backbone's CLS position; ``feature_index`` ``(B,)``: the feature's
+  position in its split (the post-processing reads its offsets and question through it);
+- ``context_start``, ``context_end`` ``(B,)``: the window's context tokens are
+  ``[context_start, context_end)``;
+- ``context_mask`` ``(B, l)`` bool: the positions an answer may take -- the context tokens, and
+  for v2 also the CLS position ("no answer"); the allocation distributions live there (SPEC 4).
+
+Positions index the unpadded window; the collator pads on the right for every backbone (XLNet
+included), so they stay valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from macsc.errors import ConfigError, DataError
+from macsc.heads import SpanEvaluationData
+from macsc.qa import prepare_squad_features
+from macsc.task import TaskSpec
+
+from .base import Collator, EncodedSplit, MaCSCDataModule, TextSplit
+from .squad_data import HUB_NAMES, load_squad
+
+VERSIONS = {"1.1": "squad", "2.0": "squad_v2"}  # version -> its hub dataset
+_SHOWN_IDS = 5
+
+
+@dataclass
+class SquadSplit(TextSplit):
+    """A SQuAD split. segments: ``[questions, contexts]`` (one prototype table each; a context
+    shared by several questions is extracted once). labels: 1 for an answerable question, else 0.
+    examples: the flat examples of :mod:`tasks.squad_data`, in the same order."""
+
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def subset(self, indices: list[int]) -> SquadSplit:
+        part = super().subset(indices)
+        examples = [self.examples[i] for i in indices]
+        return SquadSplit(part.name, part.source, part.segments, part.labels, examples)
+
+
+def squad_split(name: str, source: str, examples: list[dict[str, Any]]) -> SquadSplit:
+    """The :class:`SquadSplit` of flat examples."""
+    return SquadSplit(
+        name,
+        source,
+        [[e["question"] for e in examples], [e["context"] for e in examples]],
+        [int(bool(e["answers"]["text"])) for e in examples],
+        list(examples),
+    )
+
+
+def context_bounds(offsets: list[tuple[int, int] | None]) -> tuple[int, int]:
+    """``(first, last + 1)`` of the context tokens of one window (they are contiguous)."""
+    context = [i for i, offset in enumerate(offsets) if offset is not None]
+    return context[0], context[-1] + 1
+
+
+@dataclass
+class SpanCollator(Collator):
+    """The base batch plus ``context_mask`` (module docstring).
+
+    with_cls: v2, the CLS position is an answer position too. pad_to: pad every ``(B, l)``
+    tensor to this length (a fixed ``l`` on every DDP rank, which ``gather_across_devices``
+    needs); None pads to the longest window of the batch.
+    """
+
+    with_cls: bool = False
+    pad_to: int | None = None
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(items)
+        if self.pad_to is not None:
+            extra = self.pad_to - batch["input_ids"].shape[1]
+            for name, value in (
+                ("input_ids", self.pad_token_id),
+                ("attention_mask", 0),
+                ("token_type_ids", 0),
+            ):
+                if name in batch:
+                    batch[name] = torch.nn.functional.pad(batch[name], (0, extra), value=value)
+        positions = torch.arange(batch["input_ids"].shape[1])[None, :]
+        mask = (positions >= batch["context_start"][:, None]) & (
+            positions < batch["context_end"][:, None]
+        )
+        if self.with_cls:
+            mask |= positions == batch["cls_index"][:, None]
+        batch["context_mask"] = mask
+        return batch
+
+
+class SquadDataModule(MaCSCDataModule):
+    """SQuAD v1.1 or v2.0 from the Hugging Face hub or local files.
+
+    Args:
+        version: ``"1.1"`` or ``"2.0"`` (quote it in YAML).
+        data_files: ``{train: PATH, validation: PATH}`` (``test`` optional): the official JSON
+            (``train-v2.0.json``, ``dev-v2.0.json``) or JSON Lines of flat examples; when None,
+            the hub dataset ``hub_name`` is used.
+        hub_name: default ``squad`` (v1.1) or ``squad_v2`` (v2.0).
+        max_length: tokens per window, special tokens included.
+        doc_stride: tokens shared by consecutive windows.
+        max_question_length: longer questions are cut to leave room for the context.
+        n_best, max_answer_length: post-processing (see :func:`macsc.qa.span_candidates`).
+        pad_to_max_length: pad every batch to ``max_length`` (needed with the model's
+            ``gather_across_devices``; slower otherwise).
+        data_fraction: a seeded fraction of the training *questions* (all windows of a chosen
+            question are kept), chosen by :func:`tasks.base.fraction_indices` among the questions
+            left after the answer-offset check of :func:`tasks.squad_data.load_squad`.
+        The other options are :class:`~tasks.base.MaCSCDataModule`'s; the validation and test
+        splits are scored with the official SQuAD definitions (``macsc.heads.SpanHead``).
+    """
+
+    def __init__(
+        self,
+        version: str = "2.0",
+        data_files: dict[str, str] | None = None,
+        hub_name: str | None = None,
+        max_length: int = 384,
+        doc_stride: int = 128,
+        max_question_length: int = 64,
+        n_best: int = 20,
+        max_answer_length: int = 30,
+        pad_to_max_length: bool = False,
+        batch_size: int = 12,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        data_fraction: float = 1.0,
+        seed: int = 42,
+        prototype_batch_size: int = 64,
+        cache_dir: str | bool | None = None,
+        group_by_length: bool = False,
+        pin_memory: bool | None = None,
+        test_on: str = "validation",
+        predict_on: str = "validation",
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            max_length=max_length,
+            data_fraction=data_fraction,
+            seed=seed,
+            prototype_batch_size=prototype_batch_size,
+            cache_dir=cache_dir,
+            group_by_length=group_by_length,
+            pin_memory=pin_memory,
+            test_on=test_on,
+            predict_on=predict_on,
+        )
+        self.version = str(version).lstrip("v")
+        if self.version not in VERSIONS:
+            raise ConfigError(f"data option version={version!r} is unknown; use '1.1' or '2.0'")
+        for option, value in (
+            ("doc_stride", doc_stride),
+            ("n_best", n_best),
+            ("max_answer_length", max_answer_length),
+            ("max_question_length", max_question_length),
+        ):
+            if value < 1:
+                raise ConfigError(f"data option {option}={value} must be a positive integer")
+        unknown = sorted(set(data_files or {}) - {"train", "validation", "test"})
+        if unknown:
+            raise ConfigError(
+                f"data_files has unknown split names {unknown}; SQuAD splits are train, "
+                "validation and test"
+            )
+        self.data_files = {k: str(v) for k, v in data_files.items()} if data_files else None
+        self.hub_name = hub_name or VERSIONS[self.version]
+        self.doc_stride = doc_stride
+        self.max_question_length = max_question_length
+        self.n_best = n_best
+        self.max_answer_length = max_answer_length
+        self.pad_to_max_length = pad_to_max_length
+        self._evaluation: dict[str, SpanEvaluationData] = {}
+
+    @property
+    def version_2(self) -> bool:
+        return self.version == "2.0"
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec(kind="span", num_labels=2, metrics=["exact", "f1"])
+
+    def load_split(self, name: str) -> SquadSplit:
+        if self.data_files is None:
+            if self.hub_name not in HUB_NAMES:
+                raise ConfigError(
+                    f"hub_name={self.hub_name!r} is not a SQuAD hub dataset ({HUB_NAMES}); "
+                    "give data_files with the official JSON or JSON Lines instead"
+                )
+            source = self.hub_name
+        elif name in self.data_files:
+            source = str(Path(self.data_files[name]).expanduser())
+            if not Path(source).is_file():
+                raise DataError(f"{source} does not exist; check data_files.{name}")
+        else:
+            raise DataError(
+                f"no {name!r} split: data_files has only {sorted(self.data_files)}; "
+                f"add data_files.{name}=PATH"
+            )
+        examples = load_squad(source, name)
+        if not self.version_2:
+            _check_answerable(examples, source)
+        return squad_split(name, source, examples)
+
+    def encode(self, split: TextSplit) -> EncodedSplit:
+        """Windows of every question of ``split`` (one item each); keeps what post-processing
+        needs for the evaluation splits."""
+        if not isinstance(split, SquadSplit):
+            raise TypeError(f"SquadDataModule.encode needs a SquadSplit, got {type(split)}")
+        features = prepare_squad_features(
+            split.examples,
+            self.tokenizer,
+            self.max_length,
+            self.doc_stride,
+            max_question_length=self.max_question_length,
+        )
+        index_of = {str(example["id"]): i for i, example in enumerate(split.examples)}
+        bounds = [context_bounds(offsets) for offsets in features["offset_mapping"]]
+        # numpy rows: a list of Python ints per window costs ~10x the memory on the full train set
+        columns: dict[str, list] = {
+            name: [np.asarray(row, dtype=np.int32) for row in features[name]]
+            for name in ("input_ids", "token_type_ids")
+            if name in features
+        }
+        columns.update(
+            example_index=[index_of[qid] for qid in features["example_id"]],
+            feature_index=list(range(len(features["example_id"]))),
+            start_positions=features["start_positions"],
+            end_positions=features["end_positions"],
+            cls_index=features["cls_index"],
+            context_start=[start for start, _ in bounds],
+            context_end=[end for _, end in bounds],
+        )
+        if split.name != "train":
+            self._evaluation[split.name] = SpanEvaluationData(
+                split.examples,
+                {key: features[key] for key in ("example_id", "offset_mapping", "cls_index")},
+                self.version_2,
+                self.n_best,
+                self.max_answer_length,
+            )
+        return EncodedSplit(columns)
+
+    def span_evaluation(self, stage: str, split: str) -> SpanEvaluationData:
+        """Examples and features of the split evaluated as ``split`` (a ``task_spec.val_names``
+        entry) in ``stage`` (``val`` or ``test``); read for :meth:`SpanHead.compute_metrics`."""
+        role = "validation" if stage == "val" else self.test_on
+        name = self.split_names(role)[self.task_spec.val_names.index(split)]
+        if name not in self._evaluation:
+            self._dataset(name, needs_labels=True)
+        return self._evaluation[name]
+
+    def _loader(self, name: str, dataset: EncodedSplit, batch_size: int, **options) -> DataLoader:
+        pad_token_id = self.tokenizer.pad_token_id
+        collate = SpanCollator(
+            0 if pad_token_id is None else pad_token_id,
+            self._texts[name].segments,
+            self._tables[name],
+            with_cls=self.version_2,
+            pad_to=self.max_length if self.pad_to_max_length else None,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **options,
+        )
+
+
+def _check_answerable(examples: list[dict[str, Any]], source: str) -> None:
+    """v1.1 has no unanswerable questions; one here means the wrong version was configured."""
+    missing = [e["id"] for e in examples if not e["answers"]["text"]]
+    if missing:
+        shown = ", ".join(repr(qid) for qid in missing[:_SHOWN_IDS])
+        raise DataError(
+            f"{source}: {len(missing)} questions have no answer ({shown}); SQuAD v1.1 has "
+            "none -- set data option version: '2.0' for data with unanswerable questions"
+        )
