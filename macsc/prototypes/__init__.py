@@ -1,5 +1,12 @@
-"""Prototype sources (SPEC section 1) and the prototype cache (SPEC section 8)."""
+"""Prototype sources (SPEC section 1) and the prototype cache (SPEC section 8).
 
+Kinds for :func:`build_extractor`: ``open_clip`` (image), ``audioclip`` (audio), ``clip_vip``
+(video), ``hf`` / ``hf:<name>`` (any Hugging Face encoder) and ``gaussian`` (noise). Importing
+this package is cheap: open_clip and transformers load only when such an extractor is built.
+"""
+
+from . import audioclip, clip_vip, hf_source, open_clip_source  # noqa: F401  (register kinds)
+from .audioclip import AudioClipExtractor
 from .base import (
     GaussianExtractor,
     PrototypeExtractor,
@@ -8,15 +15,30 @@ from .base import (
     build_extractor,
     register_extractor,
 )
-from .cache import PrototypeTable, prototype_table
+from .cache import PrototypeTable, build_prototype_cache, prototype_table, resolve_cache_dir
+from .clip_text import ClipTextExtractor
+from .clip_vip import ClipVipExtractor
+from .hf_source import HuggingFaceExtractor
+from .open_clip_source import OpenClipExtractor
+from .selection import select_top_k
+from .windowed import TokenPrototypeExtractor
 
 __all__ = [
+    "AudioClipExtractor",
+    "ClipTextExtractor",
+    "ClipVipExtractor",
     "GaussianExtractor",
+    "HuggingFaceExtractor",
+    "OpenClipExtractor",
     "PrototypeExtractor",
     "PrototypeTable",
     "Prototypes",
+    "TokenPrototypeExtractor",
     "available_extractors",
     "build_extractor",
+    "build_prototype_cache",
     "prototype_table",
     "register_extractor",
+    "resolve_cache_dir",
+    "select_top_k",
 ]

@@ -10,12 +10,15 @@ sources register themselves with :func:`register_extractor` and are built by nam
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -49,10 +52,21 @@ class PrototypeExtractor(nn.Module):
 
     def __init__(self, k: int = 8, trainable: bool = False) -> None:
         super().__init__()
-        if k < 1:
-            raise ValueError(f"prototype option k must be >= 1, got {k}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"prototype option k must be an integer >= 1, got {k!r}")
         self.k = int(k)
-        self.trainable = bool(trainable)
+        self.trainable = trainable
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the extractor is fine-tuned with the model (paper Table 6); setting it also
+        switches ``requires_grad`` of its weights."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        self.requires_grad_(self._trainable)
 
     @property
     def dim(self) -> int:
@@ -67,6 +81,18 @@ class PrototypeExtractor(nn.Module):
     def identity(self) -> dict[str, Any]:
         """Everything that changes a prototype, except the text itself (the cache key)."""
         return {"kind": self.kind, "k": self.k, "dim": self.dim}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the extractor's weights live (CPU for weightless sources)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def train(self, mode: bool = True) -> PrototypeExtractor:
+        """A frozen extractor stays in eval mode (no dropout) so it remains a fixed function of
+        the text even while the model around it trains; a trainable one follows ``mode``."""
+        return super().train(mode and self.trainable)
 
     def extract(self, texts: list[str]) -> Prototypes:
         """Prototypes of ``texts``: features ``(len(texts), k, dim)``, mask ``(len(texts), k)``."""
@@ -107,11 +133,29 @@ def build_extractor(kind: str, **options: Any) -> PrototypeExtractor:
         options = {"model_name": kind[3:], **options}
         kind = "hf"
     if kind not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown prototype extractor kind {kind!r}; choose one of {available_extractors()} "
             "(or 'hf:<model name or path>')"
         )
-    return _REGISTRY[kind](**options)
+    factory = _REGISTRY[kind]
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(parameters))
+        if unknown:
+            raise ConfigError(
+                f"prototype extractor kind {kind!r} has no option {unknown[0]!r}; its options "
+                f"are {sorted(parameters)}"
+            )
+    missing = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        and name not in options
+    ]
+    if missing:
+        raise ConfigError(f"prototype extractor kind {kind!r} needs the option {missing[0]!r}")
+    return factory(**options)
 
 
 def text_seed(text: str, salt: int = 0) -> int:
@@ -131,7 +175,7 @@ class GaussianExtractor(PrototypeExtractor):
     def __init__(self, dim: int = 512, k: int = 8, seed: int = 0, std: float = 1.0, **_: Any):
         super().__init__(k=k, trainable=False)
         if dim < 1:
-            raise ValueError(f"gaussian prototype option dim must be >= 1, got {dim}")
+            raise ConfigError(f"gaussian prototype option dim must be >= 1, got {dim}")
         self._dim = int(dim)
         self.seed = int(seed)
         self.std = float(std)

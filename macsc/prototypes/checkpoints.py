@@ -1,0 +1,157 @@
+"""Reading published checkpoints safely and strictly, and naming their content for the cache.
+
+* :func:`load_state_dict_file` reads ``.pt``/``.pth``/``.bin`` files with
+  ``torch.load(weights_only=True)``, which cannot run code; a file that needs full unpickling is
+  refused unless the user passes ``trust_checkpoint=True``. Safetensors and TorchScript archives
+  (OpenAI's original CLIP files) hold no pickled code and load directly.
+* :func:`load_strict` loads a state dict into a module and turns every missing, unexpected or
+  misshaped key into a :class:`~macsc.errors.CheckpointError` that names it.
+* :func:`file_digest` hashes a file's content once per (path, size, mtime): checkpoint-backed
+  extractors put it in their identity, so the prototype cache notices a replaced file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_path(value: str | os.PathLike, *, kind: str, hint: str) -> Path:
+    """``value`` as an existing file, or a CheckpointError that says where to get one."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"{kind} prototype extractor: checkpoint file {str(path)!r} does not exist; {hint}"
+        )
+    return path
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, memoised by (resolved path, size, mtime)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    memo_key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[memo_key] = digest.hexdigest()
+    return _DIGESTS[memo_key]
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _read(path: Path, trust_checkpoint: bool) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if _is_torchscript(path):
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust_checkpoint:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds Python objects besides tensors, and loading them "
+                "would run code from the file; if you trust its source, pass the extractor "
+                "option trust_checkpoint=True"
+            ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({error}); is the download complete?"
+        ) from error
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_state_dict_file(path: Path, *, trust_checkpoint: bool = False) -> dict[str, Tensor]:
+    """The flat tensor state dict stored in ``path``.
+
+    Unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``) and strips a
+    DistributedDataParallel ``module.`` prefix, the one normalising step before a strict load.
+    """
+    content = _read(path, trust_checkpoint)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(content, dict) and isinstance(content.get(wrapper), dict):
+            content = content[wrapper]
+    if not isinstance(content, dict) or not content:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    state = {}
+    for key, value in content.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: entry {key!r} is a {type(value).__name__}, not a "
+                "tensor; this is not a plain state dict"
+            )
+        state[key[len("module.") :] if key.startswith("module.") else key] = value
+    return state
+
+
+def block_count(keys: list[str] | dict[str, Any], prefix: str) -> int:
+    """How many numbered blocks ``prefix<N>.`` the keys hold (0 when none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(match.group(1)) for key in keys if (match := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def require_keys(
+    state: dict[str, Tensor],
+    keys: list[str],
+    *,
+    source: Path,
+    layout: str,
+    stray: list[str] = (),
+) -> None:
+    """A CheckpointError naming the first key of ``keys`` that ``state`` lacks (and the
+    ``stray`` keys that fit nowhere, which are often the same key renamed)."""
+    for key in keys:
+        if key not in state:
+            extra = f"; keys that fit nowhere: {sorted(stray)[:8]}" if stray else ""
+            raise CheckpointError(
+                f"checkpoint {str(source)!r} has no key {key!r}, so it is not a {layout} "
+                f"checkpoint (or its keys were renamed){extra}"
+            )
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], *, source: Path, layout: str) -> None:
+    """Load ``state`` into ``module``; any missing, unexpected or misshaped key is an error."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
+        for key in sorted(set(state) & set(expected))
+        if state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}")
+    if misshaped:
+        problems.append(f"wrong shapes {misshaped[:8]}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {str(source)!r} does not match the {layout} layout: "
+            + "; ".join(problems)
+            + ". Is this the right file for this extractor kind?"
+        )
+    module.load_state_dict(state, strict=True)
