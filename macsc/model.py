@@ -73,6 +73,8 @@ class MaCSC(L.LightningModule):
             and negatives span the global batch.
         learning_rate, weight_decay, warmup_ratio, adam_epsilon: AdamW with linear warm-up and
             linear decay to zero.
+        modality_weight_lr_scale: learning-rate multiplier for the modality weights rho and Z
+            (the paper uses one learning rate: 1.0; short runs may want them to move faster).
         dropout: dropout before the heads and in the enhancer (default: the backbone's).
         nonfinite: ``raise`` stops at a NaN/Inf loss term naming it and the step; ``skip``
             skips that batch's update and logs ``train/skipped_batches``.
@@ -101,6 +103,7 @@ class MaCSC(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         adam_epsilon: float = 1e-8,
+        modality_weight_lr_scale: float = 1.0,
         dropout: float | None = None,
         nonfinite: str = "raise",
         backbone_kwargs: dict[str, Any] | None = None,
@@ -141,7 +144,8 @@ class MaCSC(L.LightningModule):
         self.trainable_extractors = nn.ModuleDict()
         self.enhancers = nn.ModuleDict()
         for name in modalities[1:]:
-            spec = {**DEFAULT_PROTOTYPES.get(name, {}), **prototypes.get(name, {})}
+            # a source given in the config replaces the default one whole (options differ by kind)
+            spec = prototypes.get(name) or DEFAULT_PROTOTYPES[name]
             extractor = _build_source(name, spec)
             if extractor.trainable:
                 self.trainable_extractors[name] = extractor
@@ -459,18 +463,25 @@ class MaCSC(L.LightningModule):
             "layer_norm.weight",
             "norm.weight",
             "type_embedding",
-            "rho_logits",
-            "calibration.z",
         )
-        decay, plain = [], []
+        modality_weights = ("rho_logits", "calibration.z")
+        decay, plain, weights = [], [], []
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (plain if any(key in name for key in no_decay) else decay).append(parameter)
+            if name in modality_weights:
+                weights.append(parameter)
+            else:
+                (plain if any(key in name for key in no_decay) else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
                 {"params": plain, "weight_decay": 0.0},
+                {
+                    "params": weights,
+                    "weight_decay": 0.0,
+                    "lr": self.hparams.learning_rate * self.hparams.modality_weight_lr_scale,
+                },
             ],
             lr=self.hparams.learning_rate,
             eps=self.hparams.adam_epsilon,
