@@ -217,3 +217,30 @@ def test_missing_data_file_names_it(tiny_backbone, tmp_path, capsys):
     ]
     assert main(["fit", *args]) == 2
     assert "missing_train.tsv" in capsys.readouterr().err
+
+
+def test_prototypes_command_fills_the_cache_ahead_of_training(tiny_backbone, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = demo_args(tiny_backbone, tmp_path, "--data.init_args.cache_dir", str(cache))
+    assert main(["prototypes", *args]) == 0
+    assert "prototype cache ready" in capsys.readouterr().out
+    # one entry per (modality, split, segment): 3 modalities x (train, validation) x 1 segment
+    entries = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert len(entries) == 6, sorted(p.name for p in entries)
+
+
+def test_predict_writes_one_line_per_example(demo_run, tiny_backbone, tmp_path):
+    checkpoint = next(demo_run.rglob("last.ckpt"))
+    args = demo_args(tiny_backbone, tmp_path, "--ckpt_path", str(checkpoint))
+    args += ["--trainer.callbacks+=macsc.writers.PredictionWriter"]
+    args += ["--trainer.callbacks.init_args.output_dir", str(tmp_path / "out")]
+    assert main(["predict", *args]) == 0
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "predictions.rank0.jsonl").read_text().splitlines()
+    ]
+    assert sorted(line["index"] for line in lines) == list(
+        range(200)
+    )  # the demo's validation split
+    assert {line["prediction"] for line in lines} <= {"cool", "warm"}
+    assert set(lines[0]["branches"]) == {"text", "image", "audio", "video"}
