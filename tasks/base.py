@@ -22,6 +22,7 @@ A batch is a dict, padded to the longest sequence in the batch:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,30 +163,56 @@ class Collator:
         return batch
 
 
-class LengthGroupedSampler(DistributedSampler):
-    """Shuffled order in which neighbouring examples have similar lengths (less padding).
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation seeded by ``(seed, epoch)``, this rank's share of it,
+    and the option to start an epoch part-way (a mid-epoch resume).
 
-    Each epoch: a seeded permutation, cut into mega-batches of 50 batches, each sorted by length,
-    cut into batches whose order is shuffled again. Under DDP each rank takes every
-    ``world_size``-th index of that order, so its batches stay length-homogeneous. Being a
-    ``DistributedSampler``, Lightning uses it as is instead of wrapping (and reshuffling) it.
+    Being a ``DistributedSampler``, Lightning uses it as is (no re-wrapping, no reshuffling) and
+    calls ``set_epoch`` on it. Under DDP each rank gets ``ceil(N / world_size)`` examples (a few
+    repeated to even out), so every rank's k-th batch has the same size, which the all-gather of
+    ``gather_across_devices`` needs.
     """
 
-    MEGA_BATCHES = 50
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+    def __init__(self, dataset: Any, seed: int) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         super().__init__(
-            lengths,
+            dataset,
             num_replicas=dist.get_world_size() if distributed else 1,
             rank=dist.get_rank() if distributed else 0,
             shuffle=True,
             seed=seed,
         )
+        self._skip = 0
+
+    def skip_next(self, count: int) -> None:
+        """Leave out the first ``count`` indices of the next epoch this sampler starts."""
+        self._skip = count
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        return itertools.islice(self.indices(), skip, None)
+
+    def indices(self):
+        """This rank's indices for the current epoch, in order."""
+        return super().__iter__()
+
+
+class LengthGroupedSampler(ResumableSampler):
+    """Shuffled order in which neighbouring examples have similar lengths (less padding).
+
+    Each epoch: a seeded permutation, cut into mega-batches of 50 batches, each sorted by length,
+    cut into batches whose order is shuffled again. Under DDP each rank takes every
+    ``world_size``-th index of that order, so its batches stay length-homogeneous.
+    """
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        super().__init__(lengths, seed)
         self.lengths = lengths
         self.batch_size = batch_size
 
-    def __iter__(self):
+    def indices(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         step = self.batch_size * self.num_replicas  # one batch on every rank
@@ -197,6 +224,50 @@ class LengthGroupedSampler(DistributedSampler):
         grouped = [i for b in torch.randperm(len(batches), generator=generator) for i in batches[b]]
         grouped += grouped[: self.total_size - len(grouped)]
         return iter(grouped[self.rank : self.total_size : self.num_replicas])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch, so a resumed run sees the batches the
+    uninterrupted run would have seen.
+
+    Lightning saves :meth:`state_dict` (the epoch and the batches handed out in it) in every
+    checkpoint and calls :meth:`load_state_dict` before the first ``iter()`` of a resumed fit;
+    the next epoch started in the saved epoch then skips those batches, in the sampler (no
+    skipped batch is loaded). Needs a :class:`ResumableSampler` to resume; with any other
+    sampler it is a plain DataLoader.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._yielded = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        # a generator: nothing is read before the first batch is asked for, by which time
+        # Lightning has called set_epoch on the sampler
+        epoch = getattr(self.sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume and resume["epoch"] == epoch else 0
+        if skip >= len(self):  # saved at the end of that epoch: nothing is left of it
+            skip = 0
+        if skip:
+            self.sampler.skip_next(skip * self.batch_size)
+        self._epoch, self._yielded = epoch, skip
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError(
+                f"cannot resume a DataLoader with a {type(self.sampler).__name__} mid-epoch; "
+                "it needs a ResumableSampler"
+            )
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class MaCSCDataModule(L.LightningDataModule):
@@ -379,12 +450,13 @@ class MaCSCDataModule(L.LightningDataModule):
             self._dataset(name, needs_labels)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by ``seed`` and the epoch, resumable mid-epoch (:class:`ResumableDataLoader`)."""
         dataset = self._dataset("train", needs_labels=True)
         if self.group_by_length:
             sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.seed)
-            return self._loader("train", dataset, self.batch_size, sampler=sampler)
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", dataset, self.batch_size, shuffle=True, generator=generator)
+        else:
+            sampler = ResumableSampler(dataset, self.seed)
+        return self._loader("train", dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._eval_loaders("validation", needs_labels=True)
@@ -443,6 +515,9 @@ class MaCSCDataModule(L.LightningDataModule):
         """modality -> one table per segment column, for every cacheable extractor."""
         if name not in self._tables:
             options = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            # the same device on every rank and in prepare_data and setup: the extraction
+            # precision (bf16 on CUDA) is part of the cache key, so ranks find rank 0's entries
+            options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             self._tables[name] = {
                 modality: [
                     prototype_table(
@@ -468,20 +543,26 @@ class MaCSCDataModule(L.LightningDataModule):
             self._encoded[name] = self.encode(split)
         return self._encoded[name]
 
-    def _loader(self, name: str, dataset: EncodedSplit, batch_size: int, **options) -> DataLoader:
+    def _collator(self, name: str) -> Collator:
+        """What turns split ``name``'s items into batches (a task may return its own)."""
         pad_token_id = self.tokenizer.pad_token_id
-        collate = Collator(
+        return Collator(
             0 if pad_token_id is None else pad_token_id,
             self._texts[name].segments,
             self._tables[name],
         )
-        return DataLoader(
+
+    def _loader(self, name: str, dataset: EncodedSplit, batch_size: int, **options) -> DataLoader:
+        return ResumableDataLoader(
             dataset,
             batch_size=batch_size,
-            collate_fn=collate,
+            collate_fn=self._collator(name),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # its own generator: making an iterator then draws no number from the global
+            # stream, which dropout uses (an exact resume restores that stream)
+            generator=torch.Generator().manual_seed(self.seed),
             **options,
         )
 
