@@ -8,6 +8,7 @@ by ``demo_data/make_demo.py``): 800 training and 200 validation sentences, label
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .glue import TableDataModule, TableFormat
 
@@ -22,19 +23,7 @@ class DemoDataModule(TableDataModule):
     """
 
     def __init__(
-        self,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        max_length: int = 64,
-        data_fraction: float = 1.0,
-        seed: int = 42,
-        prototype_batch_size: int = 64,
-        cache_dir: str | bool | None = None,
-        group_by_length: bool = False,
-        pin_memory: bool | None = None,
-        test_on: str = "validation",
-        predict_on: str = "validation",
+        self, max_length: int = 64, predict_on: str = "validation", **options: Any
     ) -> None:
         super().__init__(
             DEMO_FORMAT,
@@ -42,16 +31,7 @@ class DemoDataModule(TableDataModule):
                 "train": str(DEMO_DATA / "train.tsv"),
                 "validation": str(DEMO_DATA / "validation.tsv"),
             },
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
             max_length=max_length,
-            data_fraction=data_fraction,
-            seed=seed,
-            prototype_batch_size=prototype_batch_size,
-            cache_dir=cache_dir,
-            group_by_length=group_by_length,
-            pin_memory=pin_memory,
-            test_on=test_on,
             predict_on=predict_on,
+            **options,
         )

@@ -9,6 +9,7 @@ give them as indices or as those names.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -190,16 +191,31 @@ def read_table(path: Path) -> tuple[list[str], Rows]:
     return _read_delimited(path, "\t" if kind == "tsv" else ",", quoting)
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are a DataError naming the line (a leading
+    byte-order mark, as in the GLUE MRPC TSVs, is dropped)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        data = error.object  # without the byte-order mark, which offsets count from
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte {data[error.start : error.start + 1]!r}, "
+            f"{error.reason}); save the file as UTF-8"
+        ) from error
+
+
 def _read_delimited(path: Path, delimiter: str, quoting: int) -> tuple[list[str], Rows]:
-    # utf-8-sig: the GLUE MRPC TSVs start with a byte-order mark.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        try:
-            header = next(reader, None)
-            lines = [(reader.line_num, fields) for fields in reader if fields]
-        except (csv.Error, UnicodeDecodeError) as error:
-            message = f"{path}: cannot be read as {delimiter!r}-separated text: {error}"
-            raise DataError(message) from error
+    reader = csv.reader(
+        io.StringIO(_read_utf8(path), newline=""), delimiter=delimiter, quoting=quoting
+    )
+    try:
+        header = next(reader, None)
+        lines = [(reader.line_num, fields) for fields in reader if fields]
+    except csv.Error as error:
+        message = f"{path}: cannot be read as {delimiter!r}-separated text: {error}"
+        raise DataError(message) from error
     if not header:
         raise DataError(f"{path} is empty; expected a header row with column names")
 
@@ -217,7 +233,7 @@ def _read_delimited(path: Path, delimiter: str, quoting: int) -> tuple[list[str]
 
 def _read_json(path: Path) -> tuple[list[str], Rows]:
     """JSON Lines (one object per line), or one JSON array of objects."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if text.lstrip().startswith("["):
         records = [(f"{path} item {i}", row) for i, row in enumerate(_json(text, str(path)))]
     else:
@@ -412,18 +428,7 @@ class GLUEDataModule(TableDataModule):
         task: str = "sst2",
         data_files: dict[str, str] | None = None,
         hub_name: str = "nyu-mll/glue",
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        max_length: int = 128,
-        data_fraction: float = 1.0,
-        seed: int = 42,
-        prototype_batch_size: int = 64,
-        cache_dir: str | bool | None = None,
-        group_by_length: bool = False,
-        pin_memory: bool | None = None,
-        test_on: str = "validation",
-        predict_on: str = "test",
+        **options: Any,
     ) -> None:
         table_format = glue_format(task)
         super().__init__(
@@ -431,17 +436,6 @@ class GLUEDataModule(TableDataModule):
             data_files=data_files,
             hub_name=hub_name,
             hub_config=table_format.name,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            max_length=max_length,
-            data_fraction=data_fraction,
-            seed=seed,
-            prototype_batch_size=prototype_batch_size,
-            cache_dir=cache_dir,
-            group_by_length=group_by_length,
-            pin_memory=pin_memory,
-            test_on=test_on,
-            predict_on=predict_on,
+            **options,
         )
         self.task = table_format.name

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from macsc.errors import ConfigError, DataError
 from macsc.heads import SpanEvaluationData
@@ -141,30 +140,11 @@ class SquadDataModule(MaCSCDataModule):
         max_answer_length: int = 30,
         pad_to_max_length: bool = False,
         batch_size: int = 12,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        data_fraction: float = 1.0,
-        seed: int = 42,
-        prototype_batch_size: int = 64,
-        cache_dir: str | bool | None = None,
-        group_by_length: bool = False,
-        pin_memory: bool | None = None,
-        test_on: str = "validation",
         predict_on: str = "validation",
+        **options: Any,
     ) -> None:
         super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            max_length=max_length,
-            data_fraction=data_fraction,
-            seed=seed,
-            prototype_batch_size=prototype_batch_size,
-            cache_dir=cache_dir,
-            group_by_length=group_by_length,
-            pin_memory=pin_memory,
-            test_on=test_on,
-            predict_on=predict_on,
+            batch_size=batch_size, max_length=max_length, predict_on=predict_on, **options
         )
         self.version = str(version).lstrip("v")
         if self.version not in VERSIONS:
@@ -270,23 +250,14 @@ class SquadDataModule(MaCSCDataModule):
             self._dataset(name, needs_labels=True)
         return self._evaluation[name]
 
-    def _loader(self, name: str, dataset: EncodedSplit, batch_size: int, **options) -> DataLoader:
+    def _collator(self, name: str) -> SpanCollator:
         pad_token_id = self.tokenizer.pad_token_id
-        collate = SpanCollator(
+        return SpanCollator(
             0 if pad_token_id is None else pad_token_id,
             self._texts[name].segments,
             self._tables[name],
             with_cls=self.version_2,
             pad_to=self.max_length if self.pad_to_max_length else None,
-        )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **options,
         )
 
 
