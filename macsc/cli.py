@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc prototypes --config FILE     fill the prototype cache ahead of training
@@ -47,6 +48,27 @@ def _cli_class():
                 self.datamodule.connect(
                     self.model.backbone_name, self.model.extractors, self.model.modalities
                 )
+
+        def _parse_ckpt_path(self) -> None:
+            """``--ckpt_path`` must load with ``weights_only=True`` (unpickling it can then run
+            no code) unless the user passes ``--weights_only false``: refused with one line
+            before LightningCLI reads the file for its hyperparameters, and the run is then held
+            to ``weights_only``. A trusted file keeps the configured model settings: LightningCLI
+            reads hyperparameters with ``weights_only=True`` only."""
+            from .model import check_checkpoint_is_safe
+
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand) if subcommand else None
+            path = config.get("ckpt_path") if config is not None else None
+            if path is None:
+                return
+            if config.get("weights_only") is False:
+                return
+            # Lightning's keywords ("last", "best", ...) and remote files are Lightning's to read
+            if Path(path).is_file() or ("://" not in str(path) and Path(path).suffix == ".ckpt"):
+                check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
+            config["weights_only"] = True
+            super()._parse_ckpt_path()
 
     return MacscCLI
 

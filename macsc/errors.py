@@ -28,3 +28,7 @@ class ConfigError(MacscError, ValueError):
 
 class CheckpointError(MacscError, ValueError):
     """A checkpoint is missing, of another layout, or not safe to load."""
+
+
+class NonFiniteLossError(MacscError, FloatingPointError):
+    """A loss term became NaN or Inf during training; the message names the term and the step."""

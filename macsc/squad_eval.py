@@ -357,6 +357,12 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{what} file {str(path)!r} does not exist") from err
     except json.JSONDecodeError as err:
         raise DataError(f"{what} file {str(path)!r} is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{what} file {str(path)!r} line {line} is not UTF-8 text (byte "
+            f"{err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from err
 
 
 def _version_of(squad: Any, requested: str | None) -> str:

@@ -81,7 +81,7 @@ def read_squad_jsonl(path: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError as err:
         raise DataError(f"SQuAD file {str(path)!r} does not exist") from err
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in enumerate(_utf8_lines(handle, path), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -110,6 +110,24 @@ def read_squad_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 }
             )
     return examples
+
+
+def _utf8_lines(handle: Any, path: str | Path) -> list[str]:
+    """The lines of a file opened as UTF-8; other bytes are a DataError naming the line."""
+    try:
+        return handle.read().splitlines()
+    except UnicodeDecodeError:
+        raw = Path(path).read_bytes()
+        line = raw[: _first_bad_byte(raw)].count(b"\n") + 1
+        raise DataError(f"{path}:{line} is not UTF-8 text; save the file as UTF-8") from None
+
+
+def _first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start
+    return len(raw)
 
 
 def load_squad_hub(name: str, split: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ bit-identical to extraction without it, and never fooled by a damaged or half-wr
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_second_call_reads_and_the_file_is_memory_mapped(tmp_path):
     assert not torch.equal(again.features[0], table.features[0]) and extractor.extracted == 4
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
+@pytest.mark.parametrize("damage", ["truncate", "append", "flip", "header"])
 def test_damaged_cache_file_is_rebuilt_not_read(damage, tmp_path):
     extractor = CountingGaussian(dim=8, k=3)
     expected = prototype_table(extractor, TEXTS, progress=False, cache_dir=False)
@@ -85,6 +86,8 @@ def test_damaged_cache_file_is_rebuilt_not_read(damage, tmp_path):
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[:-7]
+    elif damage == "append":
+        data += b"\0" * 8
     elif damage == "flip":
         data[4200] ^= 0xFF  # inside the feature data, after the header
     else:
@@ -188,3 +191,38 @@ def test_two_processes_building_one_entry_both_get_correct_prototypes(tmp_path):
 def test_empty_text_list(tmp_path):
     table = prototype_table(GaussianExtractor(dim=4, k=2), [], progress=False, cache_dir=tmp_path)
     assert table.features.shape == (0, 2, 4) and len(table) == 0
+
+
+def test_build_killed_midway_leaves_no_entry_and_the_next_run_rebuilds_it(tmp_path):
+    texts = [f"text number {i}" for i in range(300)]
+    worker = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from macsc.prototypes import GaussianExtractor, prototype_table
+        class Slow(GaussianExtractor):
+            def _extract(self, batch):
+                Path(sys.argv[2]).touch()  # the build has started writing
+                time.sleep(0.1)
+                return super()._extract(batch)
+        texts = [f"text number {i}" for i in range(300)]
+        prototype_table(Slow(dim=16, k=2), texts, batch_size=10, progress=False, cache_dir=sys.argv[1])
+        """
+    )
+    cache, started = tmp_path / "cache", tmp_path / "started"
+    process = subprocess.Popen([sys.executable, "-c", worker, str(cache), str(started)])
+    try:
+        while not started.exists():
+            assert process.poll() is None, "the build ended before it could be killed"
+        time.sleep(0.3)  # a few batches in
+    finally:
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait(timeout=30)
+    assert not entries(cache) and len(list(cache.glob(".*.tmp"))) == 1  # only a partial file
+
+    extractor = CountingGaussian(dim=16, k=2)
+    table = prototype_table(extractor, texts, progress=False, cache_dir=cache)
+    assert extractor.extracted == len(texts)  # rebuilt from scratch, nothing of the partial read
+    expected = GaussianExtractor(dim=16, k=2).extract(texts).features
+    assert torch.equal(table.lookup(list(range(len(texts)))).features, expected)
+    assert len(entries(cache)) == 1 and not list(cache.glob(".*.tmp"))  # the leftover is gone

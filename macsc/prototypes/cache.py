@@ -21,7 +21,9 @@ every option, tokenizer), the compute precision and the ordered distinct texts; 
 it occurs in two splits.
 
 Robustness. Entries are written to a temporary file in the same folder and published with one
-atomic ``os.replace``. A reader checks magic, version, key, shapes, the file size and the
+atomic ``os.replace``, under a file lock, so a build killed midway leaves no entry (only a
+temporary file, deleted by the next build) and of two processes racing one builds while the
+other waits and reads. A reader checks magic, version, key, shapes, the file size and the
 checksum (at every open: about a second per GB) before using a byte; any mismatch (a truncated,
 partial or corrupt file) is reported as a warning and the entry is rebuilt, never read as data.
 
@@ -274,19 +276,27 @@ def _open_entry(path: Path, key: str, count: int, k: int, dim: int) -> tuple[Ten
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path`` (a no-op where ``fcntl`` does not exist)."""
+def _locked(path: Path) -> Iterator[bool]:
+    """An exclusive lock beside ``path``; yields whether it is really held (it is a no-op where
+    ``fcntl`` does not exist). The kernel releases it when its holder dies, even by SIGKILL."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     with open(path.with_name(path.name + ".lock"), "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what builds of ``path`` killed midway left behind. Only called under the entry's
+    lock: every writer holds it, so any temporary file of this entry is a dead build's."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _cached_entry(
@@ -310,10 +320,12 @@ def _cached_entry(
             f"cannot create the prototype cache folder {str(folder)!r} ({error}); set MACSC_CACHE "
             "or the cache_dir option to a writable folder, or turn the cache off (cache_dir=False)"
         ) from error
-    with _locked(path):
+    with _locked(path) as exclusive:
         entry = _open_entry(path, *shape)  # another process may have built it while we waited
         if isinstance(entry, tuple):
             return (*entry, path)
+        if exclusive:
+            _remove_stale_temporaries(path)
         if entry != "missing":
             warnings.warn(
                 f"prototype cache file {str(path)!r} is unusable ({entry}); rebuilding it",

@@ -4,6 +4,7 @@
   ``torch.load(weights_only=True)``, which cannot run code; a file that needs full unpickling is
   refused unless the user passes ``trust_checkpoint=True``. Safetensors and TorchScript archives
   (OpenAI's original CLIP files) hold no pickled code and load directly.
+  :func:`safe_torch_load` is that rule on its own; the model's Lightning checkpoints use it too.
 * :func:`load_strict` loads a state dict into a module and turns every missing, unexpected or
   misshaped key into a :class:`~macsc.errors.CheckpointError` that names it.
 * :func:`file_digest` hashes a file's content once per (path, size, mtime): checkpoint-backed
@@ -66,20 +67,42 @@ def _read(path: Path, trust_checkpoint: bool) -> Any:
         return load_file(str(path))
     if _is_torchscript(path):
         return torch.jit.load(str(path), map_location="cpu").state_dict()
+    return safe_torch_load(
+        path,
+        trusted=trust_checkpoint,
+        how_to_trust="pass the extractor option trust_checkpoint=True",
+    )
+
+
+def safe_torch_load(
+    path: str | os.PathLike,
+    *,
+    trusted: bool = False,
+    how_to_trust: str,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+) -> Any:
+    """``torch.load`` that cannot run code from the file unless ``trusted``.
+
+    A file that needs full unpickling (a pickled class, a lambda: anything besides tensors and
+    plain containers) is refused with a :class:`CheckpointError` whose message ends with
+    ``how_to_trust``, the option that lets a user who trusts the source load it anyway. A
+    damaged or truncated file is a CheckpointError too.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if not trust_checkpoint:
+        if not trusted:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds Python objects besides tensors, and loading them "
-                "would run code from the file; if you trust its source, pass the extractor "
-                "option trust_checkpoint=True"
+                f"would run code from the file; if you trust its source, {how_to_trust}"
             ) from error
     except (RuntimeError, EOFError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({error}); is the download complete?"
+            f"checkpoint {str(path)!r} cannot be read ({reason}); is the download complete?"
         ) from error
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def load_state_dict_file(path: Path, *, trust_checkpoint: bool = False) -> dict[str, Tensor]:
@@ -131,23 +154,32 @@ def require_keys(
             )
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], *, source: Path, layout: str) -> None:
-    """Load ``state`` into ``module``; any missing, unexpected or misshaped key is an error."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def state_dict_mismatch(
+    expected: dict[str, Tensor], state: dict[str, Any], *, keys: bool = True
+) -> list[str]:
+    """What keeps ``state`` from loading into a module whose state dict is ``expected``: one
+    phrase each for missing, unexpected (when ``keys``) and misshaped keys, eight keys at most,
+    so an error message stays readable; empty when it fits."""
     misshaped = [
         f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
         for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
+        if isinstance(state[key], Tensor) and state[key].shape != expected[key].shape
     ]
     problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}")
+    if keys and (missing := sorted(set(expected) - set(state))):
+        problems.append(f"missing keys {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+    if keys and (unexpected := sorted(set(state) - set(expected))):
+        problems.append(
+            f"unexpected keys {unexpected[:8]}" + (" ..." if len(unexpected) > 8 else "")
+        )
     if misshaped:
-        problems.append(f"wrong shapes {misshaped[:8]}")
+        problems.append(f"wrong shapes {misshaped[:8]}" + (" ..." if len(misshaped) > 8 else ""))
+    return problems
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], *, source: Path, layout: str) -> None:
+    """Load ``state`` into ``module``; any missing, unexpected or misshaped key is an error."""
+    problems = state_dict_mismatch(module.state_dict(), state)
     if problems:
         raise CheckpointError(
             f"checkpoint {str(source)!r} does not match the {layout} layout: "

@@ -1,0 +1,185 @@
+"""DDP correctness on CPU (gloo): with ``gather_across_devices`` two ranks of batch b compute the
+single-process loss of the 2b examples and, after DDP's gradient averaging, its gradients; the
+ranks agree on the labels, the class prior and the batch sizes (a ragged last batch included);
+``nonfinite: skip`` skips on every rank together; a DDP checkpoint loads in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from test_cli import demo_args
+from transformers import AutoTokenizer
+
+from macsc.model import MaCSC
+
+SENTENCES = [
+    "a red apple on the table",
+    "the sky is blue",
+    "a loud drum",
+    "green grass",
+    "a dog barks",
+    "snow is white",
+    "the sun is warm",
+    "cold blue ice",
+]
+# every class occurs on both ranks, so positives and negatives cross the rank boundary
+LABELS = [0, 1, 2, 0, 1, 0, 2, 2]
+PROTOTYPES = {
+    "image": {"kind": "gaussian", "dim": 16, "k": 4},
+    "audio": {"kind": "gaussian", "dim": 24, "k": 4, "seed": 1},
+}
+
+
+class LossOfBatch(MaCSC):
+    """MaCSC whose forward is the whole objective, so that, as in Lightning's training step,
+    all of it runs inside DDP's forward."""
+
+    def forward(self, batch):
+        return self.compute_losses(batch, super().forward(batch))
+
+
+def loss_model(backbone: str, gather: bool) -> LossOfBatch:
+    torch.manual_seed(0)
+    model = LossOfBatch(
+        backbone=backbone,
+        modalities=["text", "image", "audio"],
+        prototypes=PROTOTYPES,
+        task={"kind": "classification", "num_labels": 3},
+        enhancer_heads=4,
+        gather_across_devices=gather,
+    )
+    return model.eval()  # no dropout: both sides see the same function
+
+
+def full_batch(model: MaCSC, backbone: str) -> dict:
+    batch = dict(
+        AutoTokenizer.from_pretrained(backbone)(SENTENCES, padding=True, return_tensors="pt")
+    )
+    batch["labels"] = torch.tensor(LABELS)
+    batch["prototypes"] = {}
+    for name, extractor in model.extractors.items():
+        out = extractor.extract(SENTENCES)
+        batch["prototypes"][name] = {"features": out.features, "mask": out.mask}
+    return batch
+
+
+def rows(batch: dict, part: slice) -> dict:
+    if isinstance(batch, dict):
+        return {key: rows(value, part) for key, value in batch.items()}
+    return batch[part]
+
+
+def ddp_worker(fabric, backbone: str, batch: dict, out: Path) -> None:
+    """One rank: its half of the batch through DDP; rank 0 saves what the ranks saw and computed
+    to ``out`` (a file: the gradients are too big for the launcher's return pipe)."""
+    torch.set_num_threads(1)
+    model = loss_model(backbone, gather=True)
+    seen_keys = []
+    gather = model._gather
+
+    def recording_gather(*args):
+        out = gather(*args)
+        seen_keys.append(out[2])
+        return out
+
+    model._gather = recording_gather
+    ddp = fabric.setup_module(model)
+    half = len(LABELS) // 2
+    losses = ddp(rows(batch, slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)))
+    fabric.backward(losses["total"])  # DDP averages the gradients over the ranks
+    result = {
+        "wa": fabric.all_gather(losses["wa"].detach()),
+        "msb": fabric.all_gather(losses["msb"].detach()),
+        "keys": fabric.all_gather(seen_keys[0]).tolist(),
+        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+    }
+    if fabric.global_rank == 0:
+        torch.save(result, out)
+
+
+def test_two_ranks_compute_the_single_process_loss_and_gradients(tiny_backbone, tmp_path):
+    single = loss_model(tiny_backbone, gather=False)
+    batch = full_batch(single, tiny_backbone)
+    expected = single(batch)
+    expected["total"].backward()
+
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    fabric.launch(ddp_worker, tiny_backbone, batch, tmp_path / "ranks.pt")
+    got = torch.load(tmp_path / "ranks.pt", weights_only=True)
+
+    # every rank computed L_msb over all 2b examples: the single-process value, on both ranks
+    torch.testing.assert_close(got["msb"], expected["msb"].detach().expand(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["wa"].mean(), expected["wa"].detach(), atol=1e-5, rtol=0)
+    # both ranks gathered the same, complete label set
+    assert got["keys"] == [LABELS, LABELS]
+    grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
+    assert grads.keys() == got["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class RankRecorder(L.Callback):
+    """Used by the DDP run below: writes what each rank saw to ``folder/rank<r>.json``, and puts
+    a NaN into rank ``nan_rank``'s batch of step ``nan_step`` (the other rank's stays clean)."""
+
+    def __init__(self, folder: str, nan_rank: int = 1, nan_step: int = 1) -> None:
+        self.folder, self.nan_rank, self.nan_step = Path(folder), nan_rank, nan_step
+        self.batches: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["example_index"].tolist())
+        if trainer.global_rank == self.nan_rank and trainer.global_step == self.nan_step:
+            batch["prototypes"]["audio"]["features"][0, 0, 0] = float("nan")
+
+    def on_train_end(self, trainer, pl_module):
+        record = {
+            "prior": pl_module.class_prior.tolist(),
+            "labels": trainer.datamodule.train_label_classes().tolist(),
+            "batches": self.batches,
+            "skipped": int(pl_module.skipped_batches),
+            "finite": all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
+        }
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone, tmp_path):
+    overlay = tmp_path / "callbacks.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_last: true}\n"
+        "    - class_path: test_reliability_ddp.RankRecorder\n"
+        f"      init_args: {{folder: {tmp_path}}}\n"
+    )
+    args = demo_args(tiny_backbone, tmp_path, "--config", str(overlay))
+    args += ["--model.modalities", "[text, image, audio]", "--model.gather_across_devices", "true"]
+    args += ["--model.nonfinite", "skip", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    # 37 examples: 19 per rank (one repeated to even out), batches of 16 and 3, two epochs
+    args += ["--data.init_args.data_fraction", "0.04625", "--trainer.limit_val_batches", "1"]
+    command = [str(Path(sys.executable).parent / "macsc"), "fit", *args]
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": tests}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped the batch of global step 1" in result.stderr
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["prior"] == ranks[1]["prior"] and ranks[0]["labels"] == ranks[1]["labels"]
+    sizes = [[len(b) for b in rank["batches"]] for rank in ranks]
+    assert sizes == [[16, 3, 16, 3]] * 2
+    first_epoch = {i for rank in ranks for b in rank["batches"][:2] for i in b}
+    assert first_epoch == set(range(37))
+    assert [rank["skipped"] for rank in ranks] == [1, 1] and all(r["finite"] for r in ranks)
+
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    model = MaCSC.load_from_checkpoint(checkpoint)  # saved under DDP, loaded in one process
+    assert model.class_prior.tolist() == ranks[0]["prior"] and int(model.skipped_batches) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
