@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .calibration import SelfBalancingCalibration
-from .errors import ConfigError
-from .fusion import ConceptEnhancer, masked_mean, sentence_pool
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
 from .heads import EvaluationContext, build_task_head
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor, Prototypes, build_extractor
@@ -76,8 +77,11 @@ class MaCSC(L.LightningModule):
         modality_weight_lr_scale: learning-rate multiplier for the modality weights rho and Z
             (the paper uses one learning rate: 1.0; short runs may want them to move faster).
         dropout: dropout before the heads and in the enhancer (default: the backbone's).
-        nonfinite: ``raise`` stops at a NaN/Inf loss term naming it and the step; ``skip``
-            skips that batch's update and logs ``train/skipped_batches``.
+        nonfinite: ``raise`` stops training on a NaN/Inf loss term, naming it and the step
+            (checked without a host sync in the step: at the next ``log_every_n_steps``, and
+            always before a checkpoint is written); ``skip`` drops that batch on every rank (its
+            gradient is zero; an update made of skipped batches only is not applied) and logs
+            ``train/skipped_batches`` (one host sync per step).
         backbone_kwargs: extra keyword arguments of ``AutoModel.from_pretrained``.
     """
 
@@ -185,6 +189,12 @@ class MaCSC(L.LightningModule):
         )
         self.register_buffer("_agreement_count", torch.zeros(()), persistent=False)
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
+        # plain attributes, not buffers: DDP would overwrite every rank's record with rank 0's
+        self._nonfinite_step: Tensor | None = None
+        self._nonfinite_terms: Tensor | None = None
+        self._clean_batches = 0  # finite batches since the last optimizer step (nonfinite: skip)
+        self._rng_on_resume: dict[str, Any] | None = None
+        self._checkpoint_hparams: dict[str, Any] = {}
         self._updated: set[str] = set()
         self.metrics = nn.ModuleDict(
             {
@@ -243,16 +253,23 @@ class MaCSC(L.LightningModule):
         }
         text = self.backbone(**inputs).last_hidden_state
         mask = batch["attention_mask"]
+        # a pooling head reads one row of each H^t_m: the enhancers then compute only that row
+        rows = None if self.head.needs_tokens else sentence_positions(mask, self.text_pooling)
         enhanced_text, prototype_pooled = [], []
         for name in self.modalities[1:]:
             prototypes = self._prototypes(batch, name)
-            text_m, proto_m = self.enhancers[name](text, mask, prototypes.features, prototypes.mask)
+            text_m, proto_m = self.enhancers[name](
+                text, mask, prototypes.features, prototypes.mask, text_rows=rows
+            )
             enhanced_text.append(text_m)
             prototype_pooled.append(masked_mean(proto_m, prototypes.mask).to(text.dtype))
         text_branch = torch.stack(enhanced_text).mean(0) if enhanced_text else text
-        pooled = torch.stack(
-            [sentence_pool(text_branch, mask, self.text_pooling), *prototype_pooled]
+        pooled_text = (
+            text_branch[:, 0]  # the enhanced text holds only the sentence position's row
+            if enhanced_text and rows is not None
+            else sentence_pool(text_branch, mask, self.text_pooling)
         )
+        pooled = torch.stack([pooled_text, *prototype_pooled])
         tokens = None
         if self.head.needs_tokens:
             tokens = self.dropout(torch.stack([text, *enhanced_text]))
@@ -287,16 +304,23 @@ class MaCSC(L.LightningModule):
     def _gather(
         self, features: Tensor, distributions: Tensor, keys: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """All-gather along the batch; gradients flow through this rank's own slice."""
-        if self.trainer.world_size < 2:
+        """All-gather along the batch; gradients flow through this rank's own slice.
+
+        Every rank then computes the same ``L_msb`` over the global batch, and this rank's
+        features get ``dL/df_rank`` only. DDP averages gradients over the ``W`` ranks, so the
+        local slice's gradient is scaled by ``W`` (its value is unchanged): the averaged gradient
+        is then exactly that of the single-process loss on the concatenated batch. The ranks'
+        batches have one size because the training samplers pad every rank to the same number
+        of examples (:class:`tasks.base.ResumableSampler`), so the all-gather cannot stall.
+        """
+        world = self.trainer.world_size
+        if world < 2:
             return features, distributions, keys
         rank = self.trainer.global_rank
-        gathered = self.all_gather(features.transpose(0, 1).contiguous())  # (W, B, M, D)
+        local = features + (features - features.detach()) * (world - 1)
+        gathered = self.all_gather(features.detach().transpose(0, 1).contiguous())  # (W, B, M, D)
         gathered = torch.cat(
-            [
-                features.transpose(0, 1) if r == rank else gathered[r]
-                for r in range(gathered.shape[0])
-            ]
+            [local.transpose(0, 1) if r == rank else gathered[r] for r in range(world)]
         )
         dists = self.all_gather(distributions.transpose(0, 1).contiguous()).flatten(0, 1)
         offset = torch.arange(self.trainer.world_size, device=keys.device).repeat_interleave(
@@ -309,53 +333,139 @@ class MaCSC(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         losses = self.compute_losses(batch, self(batch))
-        if not self._finite_or_skip(losses):
-            return None
+        terms = self._loss_terms(losses)
+        if self.hparams.nonfinite == "skip":
+            if self._skip_nonfinite(terms):
+                return self._no_gradient_loss()
+            self._clean_batches += 1
+        else:
+            self._note_nonfinite(terms)
         self._log_training(losses, batch["input_ids"].shape[0])
         return losses["total"]
 
-    def _finite_or_skip(self, losses: dict[str, Any]) -> bool:
-        terms = {name: losses[name] for name in ("wa", "msb") if name in losses}
-        if "pairs" in losses:
-            terms.update(
-                {
-                    f"pair {m}->{k}": value
-                    for (m, k), value in zip(
-                        self.calibration.pair_names, losses["pairs"], strict=True
-                    )
-                }
-            )
-        if bool(torch.isfinite(torch.stack([t.detach().float() for t in terms.values()])).all()):
-            return True
-        bad = [name for name, value in terms.items() if not bool(torch.isfinite(value).all())]
-        if self.hparams.nonfinite == "skip":
-            self.skipped_batches += 1
-            self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True)
-            return False
-        raise FloatingPointError(
-            f"non-finite loss term(s) {bad} at global step {self.global_step} (epoch {self.current_epoch}); "
-            "lower the learning rate, check the data, or set model.nonfinite: skip to skip such batches"
+    # ----------------------------------------------------------------- non-finite loss terms
+    @property
+    def loss_term_names(self) -> list[str]:
+        """Names of the loss terms checked for NaN/Inf, in :meth:`_loss_terms` order."""
+        if self.calibration is None:
+            return ["wa"]
+        return ["wa", "msb", *(f"pair {m}->{k}" for m, k in self.calibration.pair_names)]
+
+    def _loss_terms(self, losses: dict[str, Any]) -> Tensor:
+        """``(T,)`` detached float values of the terms of :attr:`loss_term_names`."""
+        values = [losses["wa"].detach().float().reshape(1)]
+        if self.calibration is not None:
+            values += [losses["msb"].detach().float().reshape(1), losses["pairs"].detach().float()]
+        return torch.cat(values)
+
+    def _note_nonfinite(self, terms: Tensor) -> None:
+        """``nonfinite: raise``: remember the first step with a NaN/Inf term and which terms,
+        on the device and without waiting for it (no host sync in the step); the record is
+        read by :meth:`_raise_if_nonfinite` every ``log_every_n_steps``, before any checkpoint
+        is written, and at the end of training."""
+        bad = ~torch.isfinite(terms)
+        if self._nonfinite_step is None or self._nonfinite_step.device != terms.device:
+            self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=terms.device)
+            self._nonfinite_terms = torch.zeros_like(bad)
+        first = bad.any() & (self._nonfinite_step < 0)
+        step = torch.full_like(self._nonfinite_step, self.global_step)
+        self._nonfinite_step = torch.where(first, step, self._nonfinite_step)
+        self._nonfinite_terms = torch.where(first, bad, self._nonfinite_terms)
+
+    def _raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any rank recorded a NaN/Inf term (one host sync;
+        every rank calls it at the same point, so the all-gather is safe)."""
+        if self._nonfinite_step is None:
+            return
+        record = torch.cat([self._nonfinite_step.view(1), self._nonfinite_terms.long()])
+        record = self.all_gather(record) if self.trainer.world_size > 1 else record[None]
+        record = record.cpu()
+        seen = record[record[:, 0] >= 0]
+        if not len(seen):
+            return
+        first = seen[seen[:, 0].argmin()]
+        names = [n for n, bad in zip(self.loss_term_names, first[1:].tolist(), strict=True) if bad]
+        raise NonFiniteLossError(
+            f"non-finite loss term(s) {names} at global step {int(first[0])} (found at step "
+            f"{self.global_step}, epoch {self.current_epoch}; no checkpoint was written after "
+            "it); lower the learning rate, check the data, or set model.nonfinite: skip to "
+            "skip such batches"
         )
+
+    def _skip_nonfinite(self, terms: Tensor) -> bool:
+        """``nonfinite: skip``: whether to skip this batch. This policy must decide now, so it
+        costs one host sync per step; under DDP every rank skips when any rank must, or the
+        ranks' gradient all-reduces would no longer pair up."""
+        bad = (~torch.isfinite(terms)).any()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        if not bool(bad):
+            return False
+        self.skipped_batches += 1
+        self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True)
+        finite = torch.isfinite(terms).tolist()
+        names = [n for n, ok in zip(self.loss_term_names, finite, strict=True) if not ok]
+        rank_zero_warn(
+            f"skipped the batch of global step {self.global_step}: non-finite loss term(s) "
+            f"{names or '(on another rank)'} (model.nonfinite: skip)"
+        )
+        return True
+
+    def _no_gradient_loss(self) -> Tensor:
+        """What a skipped batch returns: zero, reaching every trainable weight with a zero
+        gradient. Lightning refuses ``None`` under DDP, and every rank must run the backward
+        (with its gradient all-reduce) anyway."""
+        weights = [p.sum() for p in self.parameters() if p.requires_grad]
+        return torch.stack(weights).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # nonfinite: skip, and every batch since the last update was skipped: drop the zero
+        # gradients, so that AdamW leaves each weight and its moments exactly as they were
+        if self.hparams.nonfinite == "skip" and self._clean_batches == 0:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+        self._clean_batches = 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._raise_if_nonfinite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_nonfinite()
 
     def _log_training(self, losses: dict[str, Any], batch_size: int) -> None:
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("loss/total", losses["total"], prog_bar=True, **log)
-        self.log("loss/wa", losses["wa"], **log)
+        if "agreement" in losses:
+            self._agreement_sum += losses["agreement"].detach()
+            self._agreement_count += 1
+        if not self._logger_writes_this_step():
+            return
+        values = {"loss/wa": losses["wa"]}
         rho = torch.softmax(self.rho_logits.detach(), 0)
-        values = {f"weights/rho/{m}": rho[i] for i, m in enumerate(self.modalities)}
+        values.update({f"weights/rho/{m}": rho[i] for i, m in enumerate(self.modalities)})
         if "msb" in losses:
             values["loss/msb"] = losses["msb"]
             index = {m: i for i, m in enumerate(self.modalities)}
             for (m, k), pair_loss in zip(self.calibration.pair_names, losses["pairs"], strict=True):
                 values[f"loss/pair/{m}->{k}"] = pair_loss
                 values[f"weights/pair/{m}->{k}"] = losses["pi_z"][index[m], index[k]]
-            self._agreement_sum += losses["agreement"].detach()
-            self._agreement_count += 1
         if self.trainer.optimizers:
             values["lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log_dict(
             {k: v.detach() if isinstance(v, Tensor) else v for k, v in values.items()}, **log
         )
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether the logger writes this training step's values: every ``log_every_n_steps``,
+        by Lightning's own rule. The ~30 ``self.log`` calls of the other steps would cost time
+        (noticeable beside a fast GPU step) for values nobody sees; the progress bar's
+        ``loss/total`` is logged every step."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is None or not hasattr(type(connector), "should_update_logs"):
+            return True
+        return bool(connector.should_update_logs or self.trainer.fast_dev_run)
 
     # -------------------------------------------------------------------------- evaluation
     def _evaluate(self, stage: str, batch: dict, dataloader_idx: int) -> None:
@@ -455,6 +565,80 @@ class MaCSC(L.LightningModule):
             self._agreement_sum.zero_()
             self._agreement_count.zero_()
 
+    # -------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> MaCSC:
+        """Lightning's ``load_from_checkpoint``, made safe: the file is read with
+        ``weights_only=True``, so one whose unpickling would run code is refused with a
+        :class:`CheckpointError` unless ``trust_checkpoint=True``; a missing, damaged or
+        mismatched checkpoint is a CheckpointError too. (``macsc fit --ckpt_path`` follows the
+        same rule; there ``--weights_only false`` is the trust option.)"""
+        if not trust_checkpoint and _is_local(checkpoint_path):
+            check_checkpoint_is_safe(checkpoint_path, how_to_trust="pass trust_checkpoint=True")
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location,
+            hparams_file,
+            strict,
+            weights_only=not trust_checkpoint,
+            **kwargs,
+        )
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, but a checkpoint of another architecture (another
+        backbone width, other modalities or task) is a one-line :class:`CheckpointError` naming
+        the mismatched keys and the checkpoint's settings, not torch's page of keys."""
+        from .prototypes.checkpoints import state_dict_mismatch
+
+        problems = state_dict_mismatch(self.state_dict(), state_dict, keys=strict)
+        if problems:
+            saved = {
+                key: self._checkpoint_hparams[key]
+                for key in ("backbone", "modalities", "task")
+                if key in self._checkpoint_hparams
+            }
+            raise CheckpointError(
+                f"the checkpoint does not fit this model (backbone {self.hparams.backbone!r}, "
+                f"modalities {self.modalities}, task {self.spec.kind}): "
+                + "; ".join(problems)
+                + (f". It was saved with {saved}" if saved else "")
+                + "; load it with the settings it was trained with"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._raise_if_nonfinite()  # never write weights that a NaN step has already corrupted
+        # dropout's random stream, for an exact resume (ranks are seeded alike, so rank 0's
+        # state stands for all of them)
+        checkpoint["macsc_rng"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # only when resuming a run: load_from_checkpoint has already mixed its keyword
+        # overrides into these hyperparameters, and starts no training
+        if self._trainer is not None:
+            self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
+            self._rng_on_resume = checkpoint.get("macsc_rng")
+
+    def on_train_start(self) -> None:
+        # restored here rather than on load: nothing between this and the first step draws
+        # random numbers (validation runs in eval mode, the loaders have their own generators)
+        state, self._rng_on_resume = self._rng_on_resume, None
+        if state:
+            torch.set_rng_state(state["cpu"])
+            if state.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.device)
+
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         no_decay = (
@@ -473,6 +657,12 @@ class MaCSC(L.LightningModule):
                 weights.append(parameter)
             else:
                 (plain if any(key in name for key in no_decay) else decay).append(parameter)
+        # the same AdamW update in one fused kernel over all parameters, where torch has one,
+        # instead of the CPU default's Python loop over ~270 tensors (about 10x faster there)
+        fused = all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda")
+            for p in decay + plain + weights
+        )
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
@@ -485,6 +675,7 @@ class MaCSC(L.LightningModule):
             ],
             lr=self.hparams.learning_rate,
             eps=self.hparams.adam_epsilon,
+            fused=fused or None,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(math.ceil(self.hparams.warmup_ratio * total))
@@ -505,6 +696,24 @@ class _linear_schedule:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def check_checkpoint_is_safe(path: str | Path, *, how_to_trust: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` loads with ``weights_only=True`` (so that
+    unpickling it runs no code) -- before Lightning reads it, so the refusal is a clear line.
+    Zip-format files are memory-mapped, so the check reads no tensor data."""
+    import zipfile
+
+    from .prototypes.checkpoints import safe_torch_load
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    safe_torch_load(path, how_to_trust=how_to_trust, mmap=zipfile.is_zipfile(path))
+
+
+def _is_local(path: Any) -> bool:
+    """A local file path (not a URL, not an open file), which can be checked before loading."""
+    return isinstance(path, str | Path) and "://" not in str(path)
 
 
 def _metric_prefix(stage: str, name: str, names: list[str]) -> str:

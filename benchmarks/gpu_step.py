@@ -1,0 +1,238 @@
+"""MaCSC T+I+A+V against the text-only baseline on a GPU (issue 6): training samples per second,
+their ratio, and peak memory, for a RoBERTa-base-sized backbone (random weights, no download)
+under bf16 autocast, eager and with ``torch.compile``. ``benchmarks/gpu.sh`` runs it.
+
+A step is what ``training_step`` computes plus the optimizer: forward, losses, backward, AdamW
+(fused, as ``configure_optimizers`` makes it) -- without Lightning's per-step bookkeeping, which
+adds the same small host cost to both models. Batches: 32 examples padded to 128 tokens (GLUE's
+``max_length``) with real lengths drawn from 20-128, prototypes of the paper's shapes (``k = 8``;
+widths 512, 1024, 512), all on the device beforehand. Timing: CUDA events around rounds of
+``--steps`` steps; the two models alternate (A B A B ...) after warm-up, and the median of the
+per-round ratios is reported. Memory: each model's peak allocated bytes during its warm-up steps
+over what was allocated before it was built (its parameters, gradients, AdamW state and the
+step's activations).
+
+    python benchmarks/gpu_step.py [--rounds 5] [--steps 20] [--no-compile]
+    python benchmarks/gpu_step.py --device cpu --tiny --rounds 1 --steps 2   (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+PROTOTYPES = {
+    "image": {"kind": "gaussian", "dim": 512, "k": 8},
+    "audio": {"kind": "gaussian", "dim": 1024, "k": 8, "seed": 1},
+    "video": {"kind": "gaussian", "dim": 512, "k": 8, "seed": 2},
+}
+TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
+VARIANTS = {
+    "text": {"modalities": ["text"], "lambda_msb": 0.0},
+    "macsc": {"modalities": ["text", "image", "audio", "video"], "prototypes": PROTOTYPES},
+}
+
+
+def write_backbone(folder: Path, tiny: bool) -> str:
+    """A randomly initialised RoBERTa (base size, or tiny for a smoke test), saved locally."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = (
+        RobertaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
+        if tiny
+        else RobertaConfig()  # roberta-base: 12 layers, hidden 768, 12 heads, vocabulary 50265
+    )
+    RobertaModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def make_batches(count: int, size: int, length: int, vocab: int, device: str) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        lengths = torch.randint(20, length + 1, (size,), generator=generator)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        ids = torch.randint(3, vocab, (size, length), generator=generator)
+        ids = torch.where(mask.bool(), ids, torch.ones_like(ids))  # RoBERTa's <pad> is 1
+        ids[:, 0] = 0  # <s>
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(size) % 2}
+        batch["prototypes"] = {
+            name: {
+                "features": torch.randn(size, spec["k"], spec["dim"], generator=generator),
+                "mask": torch.ones(size, spec["k"], dtype=torch.bool),
+            }
+            for name, spec in PROTOTYPES.items()
+        }
+        batches.append(_to(batch, device))
+    return batches
+
+
+def _to(value, device: str):
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value.to(device)
+
+
+class Runner:
+    """One model, its optimizer and its (optionally compiled) step."""
+
+    def __init__(self, variant: str, backbone: str, device: str) -> None:
+        from macsc.model import MaCSC
+
+        torch.manual_seed(0)
+        self.model = MaCSC(backbone=backbone, task=TASK, **VARIANTS[variant]).to(device).train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-5, fused=device.startswith(("cuda", "cpu"))
+        )
+        self.device_type = torch.device(device).type
+        self.loss = self._loss
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model.compute_losses(batch, self.model(batch))["total"]
+
+    def compile(self) -> None:
+        self.loss = torch.compile(self._loss)
+
+    def step(self, batch: dict) -> None:
+        self.loss(batch).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_round(runner: Runner, batches: list[dict], steps: int, device: str) -> float:
+    """Seconds for ``steps`` steps, measured with CUDA events on a GPU."""
+    synchronize(device)
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            runner.step(batches[i % len(batches)])
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    for i in range(steps):
+        runner.step(batches[i % len(batches)])
+    return time.perf_counter() - begin
+
+
+def compare(runners: dict, batches, rounds: int, steps: int, device: str, size: int) -> dict:
+    """Alternating rounds; samples/s of each model (median) and the median per-round ratio."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            seconds[name].append(timed_round(runner, batches, steps, device))
+    ratios = [m / t for m, t in zip(seconds["macsc"], seconds["text"], strict=True)]
+    return {
+        "samples_per_s": {
+            name: steps * size / statistics.median(values) for name, values in seconds.items()
+        },
+        "time_ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny backbone (smoke test)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="per round")
+    parser.add_argument("--warmup", type=int, default=5, help="steps, eager and after compiling")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    device = args.device
+    if device.startswith("cuda"):
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    results: dict = {"device": device, "batch_size": args.batch_size, "length": args.length}
+    with tempfile.TemporaryDirectory() as folder:
+        backbone = write_backbone(Path(folder), args.tiny)
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(backbone).vocab_size
+        batches = make_batches(4, args.batch_size, args.length, vocab, device)
+        runners, memory = {}, {}
+        for name in VARIANTS:  # warm-up, and each model's memory footprint
+            synchronize(device)
+            before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            runners[name] = Runner(name, backbone, device)
+            for i in range(args.warmup):
+                runners[name].step(batches[i % len(batches)])
+            synchronize(device)
+            if device.startswith("cuda"):
+                memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    results["parameters"] = {
+        name: sum(p.numel() for p in runner.model.parameters()) for name, runner in runners.items()
+    }
+    results["peak_memory_gib"] = memory
+    results["eager"] = compare(runners, batches, args.rounds, args.steps, device, args.batch_size)
+    report(results, "eager", memory)
+    if not args.no_compile:
+        begin = time.perf_counter()
+        for runner in runners.values():
+            runner.compile()
+            for i in range(args.warmup):
+                runner.step(batches[i % len(batches)])
+        synchronize(device)
+        results["compile_seconds"] = time.perf_counter() - begin
+        results["compiled"] = compare(
+            runners, batches, args.rounds, args.steps, device, args.batch_size
+        )
+        report(results, "compiled", None)
+    results["seconds"] = time.perf_counter() - started
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    print(f"total {results['seconds']:.0f} s", flush=True)
+
+
+def report(results: dict, mode: str, memory: dict | None) -> None:
+    result = results[mode]
+    rate = result["samples_per_s"]
+    line = (
+        f"{mode}: text-only {rate['text']:.0f} samples/s, MaCSC T+I+A+V {rate['macsc']:.0f} "
+        f"samples/s -> {result['time_ratio']:.3f}x time per step (rounds: "
+        f"{', '.join(f'{r:.3f}' for r in result['round_ratios'])})"
+    )
+    if memory:
+        line += (
+            f"; peak memory text-only {memory['text']:.2f} GiB, MaCSC {memory['macsc']:.2f} GiB "
+            f"-> {memory['macsc'] / memory['text']:.2f}x"
+        )
+    if mode == "compiled":
+        line += f" (compiling took {results['compile_seconds']:.0f} s)"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

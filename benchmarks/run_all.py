@@ -1,0 +1,34 @@
+"""``make bench``: every benchmark of issues 3 and 6, one line each, in one process (the memory
+measurement starts its own fresh processes), ending with the line
+``step overhead vs text-only: X.XXx time, Y.YYx memory``.
+
+Sizes are cut to keep the whole run within about five minutes on two CPU cores; each line says
+what it measured. Run a benchmark's own script for the full size or other options:
+``extraction.py``, ``data_path.py``, ``step_overhead.py`` (and ``gpu.sh`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+
+import common
+import data_path
+import extraction
+import step_overhead
+
+
+def main() -> None:
+    common.quiet()
+    start = time.perf_counter()
+    for line in extraction.run(
+        texts=32, batch_size=32, repeats=3, demo_fraction=0.1, validation=False
+    ):
+        print(line, flush=True)
+    print(data_path.run(pairs=10)["line"], flush=True)
+    result = step_overhead.run(pairs=20)
+    print(f"{result['detail']} [make bench took {time.perf_counter() - start:.0f} s]")
+    print(step_overhead.summary(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Step overhead: a MaCSC T+I+A+V training step against the text-only baseline's (issue 6).
+
+Targets: at most 1.15x the time and 1.25x the peak memory of the baseline.
+
+Setup (:mod:`common`): both models on the real all-MiniLM-L6-v2, batch 32, GLUE-like sentences
+of 20-60 tokens padded to the longest in each batch, prototypes of the paper's shapes read from a
+warm on-disk cache by the data module's collator; the batches are collated once and kept in
+memory, so only the step is measured (``data_path.py`` measures the loader).
+
+Time. A full training step: forward, losses, backward, the AdamW step and the schedule step
+of the model's own ``configure_optimizers`` (:class:`common.Trainee`). The two models alternate
+step by step on the same batches (A B A B ...), in one process, after two warm-up steps each;
+reported is the median over the pairs of the ratio of their step times. (Alternating single
+steps cancels this machine's load swings far better than alternating whole Lightning fits; the
+loop's own bookkeeping costs any model the same few milliseconds, and the per-step logging
+that differs is measured in ``NOTES.md``.)
+
+Memory. Each model in its own fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536``, so
+glibc returns every freed block larger than 64 KiB to the system at once and the resident set
+follows the live tensors (the CPU allocator keeps no cache). After imports and loading the
+batches the process reads its resident set (``VmRSS``, the baseline), builds the model, resets
+the peak (``echo 5 > /proc/self/clear_refs``, which drops the transient peak of loading the
+weights) and trains three steps; the footprint is the peak (``VmHWM``) minus the baseline:
+parameters, gradients, AdamW state and the step's activations. The ratio compares the two
+footprints. Without ``clear_refs`` the peak since start (``ru_maxrss``) is used instead.
+
+    python benchmarks/step_overhead.py [--pairs 16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import common
+import torch
+
+ORDER = ("macsc", "text")
+
+
+def prepare_batches(folder: Path, count: int) -> list[dict]:
+    """``count`` training batches of 32 (GLUE-like lengths), collated with prototypes read from
+    a warm cache; also saved to ``folder / "batches.pt"`` for the memory subprocesses."""
+    files = common.write_glue_data(folder, 32 * count)
+    cache = folder / "cache"
+    common.prepared(files, cache)  # cold: fills the prototype cache
+    data = common.prepared(files, cache)  # warm: memory-maps it
+    batches = common.take(data.train_dataloader(), count)
+    torch.save(batches, folder / "batches.pt")
+    return batches
+
+
+def time_steps(batches: list[dict], pairs: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Step seconds of each model, alternating step by step after ``warmup`` steps each."""
+    trainees = {variant: common.Trainee(common.build_model(variant)) for variant in ORDER}
+    times: dict[str, list[float]] = {variant: [] for variant in ORDER}
+    for index in range(warmup + pairs):
+        batch = batches[index % len(batches)]
+        for variant, trainee in trainees.items():
+            seconds = common.timed(functools.partial(trainee.step, batch))
+            if index >= warmup:
+                times[variant].append(seconds)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(variant: str, batches_file: Path, steps: int) -> dict[str, float]:
+    """Run in a fresh process: the footprint in MiB of training ``variant`` (module docstring)."""
+    common.quiet()
+    batches = torch.load(batches_file, weights_only=False)
+    import lightning  # noqa: F401  (imported before the baseline, like everything else)
+
+    baseline = _status_kib("VmRSS")
+    trainee = common.Trainee(common.build_model(variant))
+    after_model = _status_kib("VmRSS")
+    reset = _reset_peak()
+    for index in range(steps):
+        trainee.step(batches[index % len(batches)])
+    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "footprint_mib": (peak - baseline) / 1024,
+        "model_mib": (after_model - baseline) / 1024,
+        "peak_reset": reset,
+    }
+
+
+def memory_in_subprocess(variant: str, batches_file: Path, steps: int, threads: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, __file__, "--memory", variant, "--batches", str(batches_file)]
+    command += ["--steps", str(steps), "--threads", str(threads)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory run of {variant!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(pairs: int = 16, memory_steps: int = 3) -> dict:
+    """Both measurements; returns the ratios and a one-line summary."""
+    common.quiet()
+    with tempfile.TemporaryDirectory() as folder:
+        batches = prepare_batches(Path(folder), 4)
+        lengths = [int(b["attention_mask"].shape[1]) for b in batches]
+        times = time_steps(batches, pairs)
+        batches_file = Path(folder) / "batches.pt"
+        memory = {
+            variant: memory_in_subprocess(
+                variant, batches_file, memory_steps, torch.get_num_threads()
+            )
+            for variant in ORDER
+        }
+    ratios = [a / b for a, b in zip(times["macsc"], times["text"], strict=True)]
+    time_ratio = common.median(ratios)
+    memory_ratio = memory["macsc"]["footprint_mib"] / memory["text"]["footprint_mib"]
+    detail = (
+        f"step time macsc {common.median(times['macsc']):.2f} s vs text "
+        f"{common.median(times['text']):.2f} s (median ratio of {pairs} alternating pairs of "
+        f"steps, quartiles {_quartiles(ratios)}; batch 32, padded lengths {lengths}, "
+        f"{torch.get_num_threads()} threads); training footprint macsc "
+        f"{memory['macsc']['footprint_mib']:.0f} MiB vs text {memory['text']['footprint_mib']:.0f}"
+        f" MiB (targets <= 1.15x time, <= 1.25x memory)"
+    )
+    return {"time": time_ratio, "memory": memory_ratio, "detail": detail, "times": times}
+
+
+def _quartiles(values: list[float]) -> str:
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.2f}-{high:.2f}"
+
+
+def summary(result: dict) -> str:
+    return f"step overhead vs text-only: {result['time']:.2f}x time, {result['memory']:.2f}x memory"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", choices=ORDER, help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(measure_memory(args.memory, args.batches, args.steps)))
+        return
+    result = run(args.pairs)
+    print(result["detail"])
+    print(summary(result))
+
+
+if __name__ == "__main__":
+    main()
