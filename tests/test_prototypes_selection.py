@@ -159,8 +159,13 @@ def test_k_larger_than_a_window_is_a_config_error():
 
 
 def test_unknown_option_and_kind_are_config_errors():
-    with pytest.raises(ConfigError, match="no option 'dims'"):
+    with pytest.raises(ConfigError, match="no option 'dims'") as error:
         build_extractor("audioclip", checkpoint="x.pt", dims=3)
+    # options declared once in the shared base are still known by name for every kind
+    for inherited in ("attention_layers", "include_eot", "max_windows", "k", "trainable"):
+        assert inherited in str(error.value)
+    with pytest.raises(ConfigError, match="no option 'dims'"):
+        build_extractor("gaussian", dims=3)
     with pytest.raises(ConfigError, match="unknown prototype extractor kind"):
         build_extractor("clip")
     with pytest.raises(ConfigError, match="needs the option 'model_name'"):

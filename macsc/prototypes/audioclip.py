@@ -10,7 +10,6 @@ strictly (the upstream loader's ``strict=False`` hid mismatches; here they are e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -43,12 +42,7 @@ class AudioClipExtractor(ClipTextExtractor):
         checkpoint: str | None = None,
         *,
         trust_checkpoint: bool = False,
-        k: int = 8,
-        attention_layers: str | int | Sequence[int] = "last",
-        include_eot: bool = True,
-        trainable: bool = False,
-        max_windows: int = 16,
-        batch_size: int = 256,
+        **options: Any,
     ) -> None:
         from open_clip.transformer import QuickGELU, TextTransformer
 
@@ -85,12 +79,7 @@ class AudioClipExtractor(ClipTextExtractor):
         super().__init__(
             OpenClipTextTower(tower),
             clip_tokenizer(tower.context_length),
-            k=k,
-            attention_layers=attention_layers,
-            include_eot=include_eot,
-            trainable=trainable,
-            max_windows=max_windows,
-            batch_size=batch_size,
+            **options,
         )
         self.checkpoint = path
 

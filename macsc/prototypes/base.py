@@ -138,24 +138,43 @@ def build_extractor(kind: str, **options: Any) -> PrototypeExtractor:
             "(or 'hf:<model name or path>')"
         )
     factory = _REGISTRY[kind]
-    parameters = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        unknown = sorted(set(options) - set(parameters))
-        if unknown:
-            raise ConfigError(
-                f"prototype extractor kind {kind!r} has no option {unknown[0]!r}; its options "
-                f"are {sorted(parameters)}"
-            )
-    missing = [
-        name
-        for name, p in parameters.items()
-        if p.default is inspect.Parameter.empty
-        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-        and name not in options
-    ]
+    accepted, required = _options_of(factory)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"prototype extractor kind {kind!r} has no option {unknown[0]!r}; its options "
+            f"are {sorted(accepted)}"
+        )
+    missing = [name for name in required if name not in options]
     if missing:
         raise ConfigError(f"prototype extractor kind {kind!r} needs the option {missing[0]!r}")
     return factory(**options)
+
+
+def _options_of(factory: type) -> tuple[set[str], list[str]]:
+    """The option names an extractor class accepts, and those it requires.
+
+    A class whose ``__init__`` takes ``**options`` forwards them to its parent, so the names are
+    collected along the class hierarchy until an ``__init__`` without ``**``: every option is
+    declared once, where it is used, and still checked here by name.
+    """
+    accepted: set[str] = set()
+    required: list[str] = []
+    for klass in factory.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        forwards = False
+        for parameter in parameters:
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                accepted.add(parameter.name)
+                if parameter.default is inspect.Parameter.empty and klass is factory:
+                    required.append(parameter.name)
+        if not forwards:
+            break
+    return accepted, required
 
 
 def text_seed(text: str, salt: int = 0) -> int:

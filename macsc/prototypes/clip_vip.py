@@ -11,7 +11,6 @@ nothing is downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -48,12 +47,7 @@ class ClipVipExtractor(ClipTextExtractor):
         checkpoint: str | None = None,
         *,
         trust_checkpoint: bool = False,
-        k: int = 8,
-        attention_layers: str | int | Sequence[int] = "last",
-        include_eot: bool = True,
-        trainable: bool = False,
-        max_windows: int = 16,
-        batch_size: int = 256,
+        **options: Any,
     ) -> None:
         if checkpoint is None:
             raise ConfigError(
@@ -104,12 +98,7 @@ class ClipVipExtractor(ClipTextExtractor):
         super().__init__(
             HFClipTextTower(model, projection),
             clip_tokenizer(model.config.max_position_embeddings),
-            k=k,
-            attention_layers=attention_layers,
-            include_eot=include_eot,
-            trainable=trainable,
-            max_windows=max_windows,
-            batch_size=batch_size,
+            **options,
         )
         self.checkpoint = path
 

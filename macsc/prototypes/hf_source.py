@@ -9,7 +9,6 @@ hidden states (these encoders have no projection). Attention comes from the mode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,10 @@ class HuggingFaceExtractor(TokenPrototypeExtractor):
         *,
         revision: str | None = None,
         context_length: int | None = None,
-        k: int = 8,
-        attention_layers: str | int | Sequence[int] = "last",
-        include_eot: bool = True,
-        trainable: bool = False,
-        max_windows: int = 16,
-        batch_size: int = 256,
+        **options: Any,
     ) -> None:
         super().__init__(
-            k=k,
-            attention_layers=attention_layers,
-            include_eot=include_eot,
-            trainable=trainable,
-            max_windows=max_windows,
-            batch_size=batch_size,
+            **options,
         )
         from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
 

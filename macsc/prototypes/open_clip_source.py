@@ -7,7 +7,6 @@ the text tower is built; the image tower's keys in the file are dropped, every o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,7 @@ class OpenClipExtractor(ClipTextExtractor):
         trust_checkpoint: bool = False,
         quick_gelu: bool | None = None,
         download_dir: str | None = None,
-        k: int = 8,
-        attention_layers: str | int | Sequence[int] = "last",
-        include_eot: bool = True,
-        trainable: bool = False,
-        max_windows: int = 16,
-        batch_size: int = 256,
+        **options: Any,
     ) -> None:
         import open_clip
         from open_clip.model import _build_text_tower
@@ -110,12 +104,7 @@ class OpenClipExtractor(ClipTextExtractor):
         super().__init__(
             OpenClipTextTower(text),
             tokenizer,
-            k=k,
-            attention_layers=attention_layers,
-            include_eot=include_eot,
-            trainable=trainable,
-            max_windows=max_windows,
-            batch_size=batch_size,
+            **options,
         )
         self.model_name = model_name
         self.pretrained = pretrained
