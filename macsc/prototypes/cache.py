@@ -340,31 +340,6 @@ def _cached_entry(
     return (*entry, path)
 
 
-def _table(
-    extractor: PrototypeExtractor,
-    texts: list[str],
-    *,
-    batch_size: int,
-    progress: bool,
-    description: str,
-    cache_dir: str | os.PathLike | bool | None,
-    device: str | torch.device | None,
-) -> PrototypeTable:
-    if batch_size < 1:
-        raise ConfigError(f"prototype batch_size must be >= 1, got {batch_size}")
-    distinct, rows = _distinct(list(texts))
-    target = _compute_device(extractor, device)
-    options = {"batch_size": batch_size, "progress": progress, "description": description}
-    folder = resolve_cache_dir(cache_dir) if extractor.cacheable and distinct else None
-    if folder is None:
-        features = torch.empty(len(distinct), extractor.k, extractor.dim)
-        mask = torch.zeros(len(distinct), extractor.k, dtype=torch.bool)
-        _extract_into(extractor, distinct, features, mask, device=target, **options)
-        return PrototypeTable(features, mask, rows)
-    features, mask, path = _cached_entry(extractor, distinct, folder, target, **options)
-    return PrototypeTable(features, mask, rows, path)
-
-
 def prototype_table(
     extractor: PrototypeExtractor,
     texts: list[str],
@@ -383,15 +358,19 @@ def prototype_table(
     cache_dir: folder, None for ``$MACSC_CACHE`` or ``~/.cache/macsc``, False for no cache.
     Features come back as CPU ``float32`` (memory-mapped when cached), mask as CPU bool.
     """
-    return _table(
-        extractor,
-        texts,
-        batch_size=batch_size,
-        progress=progress,
-        description=description,
-        cache_dir=cache_dir,
-        device=device,
-    )
+    if batch_size < 1:
+        raise ConfigError(f"prototype batch_size must be >= 1, got {batch_size}")
+    distinct, rows = _distinct(list(texts))
+    target = _compute_device(extractor, device)
+    options = {"batch_size": batch_size, "progress": progress, "description": description}
+    folder = resolve_cache_dir(cache_dir) if extractor.cacheable and distinct else None
+    if folder is None:
+        features = torch.empty(len(distinct), extractor.k, extractor.dim)
+        mask = torch.zeros(len(distinct), extractor.k, dtype=torch.bool)
+        _extract_into(extractor, distinct, features, mask, device=target, **options)
+        return PrototypeTable(features, mask, rows)
+    features, mask, path = _cached_entry(extractor, distinct, folder, target, **options)
+    return PrototypeTable(features, mask, rows, path)
 
 
 def build_prototype_cache(
@@ -409,12 +388,7 @@ def build_prototype_cache(
     folder = resolve_cache_dir(cache_dir) if extractor.cacheable else None
     if folder is None:
         return None
-    return _table(
-        extractor,
-        texts,
-        batch_size=batch_size,
-        progress=progress,
-        description=description,
-        cache_dir=folder,
-        device=device,
-    ).path
+    table = prototype_table(
+        extractor, texts, batch_size, progress, description, cache_dir=folder, device=device
+    )
+    return table.path
