@@ -52,6 +52,16 @@ def soft_bin_distribution(values: Tensor, centres: Tensor) -> Tensor:
     return torch.softmax(-((values.unsqueeze(-1) - centres) ** 2) / sigma**2, dim=-1)
 
 
+def nearest_bin(values: Tensor, centres: Tensor | list[float]) -> Tensor:
+    """Regression labels as classes (SPEC 4): index of the nearest bin centre.
+
+    values: ``(...)``; centres: ``(C,)``. Returns ``(...)`` long; a value halfway between two
+    centres goes to the lower one.
+    """
+    centres = torch.as_tensor(centres, dtype=torch.float, device=values.device)
+    return (values.float().unsqueeze(-1) - centres).abs().argmin(dim=-1)
+
+
 def cosine_agreement(p_m: Tensor, p_k: Tensor) -> Tensor:
     """``w_ij = cos(p_i^m, p_j^k)`` for every pair of samples.
 

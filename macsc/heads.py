@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-from .allocation import debiased_distribution, soft_bin_distribution
+from .allocation import debiased_distribution, nearest_bin, soft_bin_distribution
 from .losses import (
     fused_regression,
     mixture_probabilities,
@@ -221,7 +221,7 @@ class RegressionHead(TaskHead):
         return debiased_distribution(soft.clamp_min(1e-12).log(), prior, alpha)
 
     def prior_classes(self, labels):
-        return (labels.float().unsqueeze(-1) - self.bins.to(labels.device)).abs().argmin(-1)
+        return nearest_bin(labels, self.bins)
 
     def positive_keys(self, batch):
         return self.prior_classes(batch["labels"])

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from macsc.allocation import nearest_bin
 from macsc.errors import ConfigError, DataError
 from macsc.prototypes import PrototypeExtractor, PrototypeTable, prototype_table
 from macsc.task import TaskSpec
@@ -82,15 +83,6 @@ def fraction_indices(size: int, fraction: float, seed: int) -> list[int]:
     count = max(1, round(size * fraction))
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-def nearest_bin(values: Tensor, bins: list[float]) -> Tensor:
-    """Index of the nearest bin centre for each value: ``(N,)`` float -> ``(N,)`` long.
-
-    A value halfway between two centres goes to the lower one.
-    """
-    centres = torch.tensor(bins, dtype=torch.float)
-    return (values.float()[:, None] - centres[None, :]).abs().argmin(dim=1)
 
 
 class EncodedSplit(Dataset):
@@ -550,11 +542,16 @@ class MaCSCDataModule(L.LightningDataModule):
             self._encoded[name] = self.encode(split)
         return self._encoded[name]
 
+    @property
+    def pad_token_id(self) -> int:
+        """The backbone tokenizer's padding id (0 for tokenizers that define none)."""
+        pad_token_id = self.tokenizer.pad_token_id
+        return 0 if pad_token_id is None else pad_token_id
+
     def _collator(self, name: str) -> Collator:
         """What turns split ``name``'s items into batches (a task may return its own)."""
-        pad_token_id = self.tokenizer.pad_token_id
         return Collator(
-            0 if pad_token_id is None else pad_token_id,
+            self.pad_token_id,
             self._texts[name].segments,
             self._tables[name],
         )

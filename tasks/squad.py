@@ -251,9 +251,8 @@ class SquadDataModule(MaCSCDataModule):
         return self._evaluation[name]
 
     def _collator(self, name: str) -> SpanCollator:
-        pad_token_id = self.tokenizer.pad_token_id
         return SpanCollator(
-            0 if pad_token_id is None else pad_token_id,
+            self.pad_token_id,
             self._texts[name].segments,
             self._tables[name],
             with_cls=self.version_2,
