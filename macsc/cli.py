@@ -55,7 +55,7 @@ def _cli_class():
             before LightningCLI reads the file for its hyperparameters, and the run is then held
             to ``weights_only``. A trusted file keeps the configured model settings: LightningCLI
             reads hyperparameters with ``weights_only=True`` only."""
-            from .model import check_checkpoint_is_safe
+            from .checkpointing import check_checkpoint_is_safe
 
             subcommand = self.config.get("subcommand")
             config = self.config.get(subcommand) if subcommand else None
@@ -65,7 +65,8 @@ def _cli_class():
             if config.get("weights_only") is False:
                 return
             # Lightning's keywords ("last", "best", ...) and remote files are Lightning's to read
-            if Path(path).is_file() or ("://" not in str(path) and Path(path).suffix == ".ckpt"):
+            local = "://" not in str(path)
+            if Path(path).exists() or (local and Path(path).suffix == ".ckpt"):
                 check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
             config["weights_only"] = True
             super()._parse_ckpt_path()

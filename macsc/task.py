@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TASK_KINDS = ("classification", "regression", "span")
-
 
 @dataclass
 class TaskSpec:
-    """kind: ``classification`` | ``regression`` | ``span``.
+    """kind: the task kind, which selects the model's head (:mod:`macsc.heads`):
+        ``classification`` | ``regression`` | ``span`` | ``generation`` (or a registered one).
     num_labels: classes (classification), 1 (regression), 2 (span: start and end).
     metrics: names the model computes, e.g. ``["accuracy", "f1"]``, ``["spearman", "pearson"]``.
     label_bins: regression only, the bin centres used for the class prior and the label mask
         (STS-B: ``[0, 1, 2, 3, 4, 5]``).
     val_names: one name per validation dataloader (MNLI: ``["matched", "mismatched"]``).
+    label_names: classification, the class names in label order (written in predictions).
     """
 
     kind: str = "classification"
@@ -28,10 +28,9 @@ class TaskSpec:
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     label_bins: list[float] | None = None
     val_names: list[str] = field(default_factory=lambda: ["validation"])
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"unknown task kind {self.kind!r}; choose one of {list(TASK_KINDS)}")
         if self.kind == "regression" and not self.label_bins:
             raise ValueError("a regression task needs label_bins (the bin centres of SPEC 4)")
         if self.num_labels < 1:

@@ -52,12 +52,15 @@ class TextSplit:
     source: where it was read from (a file or a hub dataset), named in error messages.
     segments: one list of ``N`` texts per segment column (two for pair tasks).
     labels: ``N`` labels (int class indices or float scores), or None when the split is unlabelled.
+    ids: ``N`` ids of the examples as the source gives them (GLUE's ``idx``), or None; written
+        in prediction records, which otherwise use the example's position.
     """
 
     name: str
     source: str
     segments: list[list[str]]
     labels: list[int] | list[float] | None = None
+    ids: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.segments[0])
@@ -69,6 +72,7 @@ class TextSplit:
             self.source,
             [[texts[i] for i in indices] for texts in self.segments],
             None if self.labels is None else [self.labels[i] for i in indices],
+            None if self.ids is None else [self.ids[i] for i in indices],
         )
 
 
@@ -479,6 +483,19 @@ class MaCSCDataModule(L.LightningDataModule):
         if spec.kind == "regression":
             return nearest_bin(labels, spec.label_bins)
         return labels.long()
+
+    def evaluated_split_name(self, stage: str, name: str) -> str:
+        """The split evaluated as ``name`` (a ``task_spec.val_names`` entry) in ``stage``
+        (``val``, ``test`` or ``predict``): e.g. ``validation_matched``."""
+        role = {"val": "validation", "test": self.test_on, "predict": self.predict_on}[stage]
+        names = self.split_names(role)
+        index = self.task_spec.val_names.index(name)
+        return names[index] if index < len(names) else names[-1]
+
+    def evaluation_split(self, stage: str, name: str) -> TextSplit:
+        """The examples of the split evaluated as ``name`` in ``stage`` (for their ids, texts
+        and labels in prediction records)."""
+        return self._texts[self.evaluated_split_name(stage, name)]
 
     # Internals.
 

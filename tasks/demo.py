@@ -22,6 +22,8 @@ class DemoDataModule(TableDataModule):
     defaults to ``validation``).
     """
 
+    task = "demo"
+
     def __init__(
         self, max_length: int = 64, predict_on: str = "validation", **options: Any
     ) -> None:

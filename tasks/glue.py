@@ -74,6 +74,7 @@ class TableFormat:
             num_labels=len(self.label_names),
             metrics=list(self.metrics),
             val_names=list(self.val_names),
+            label_names=list(self.label_names),
         )
 
     def parse_label(self, value: Any, where: str) -> int | float | None:
@@ -162,6 +163,9 @@ def glue_format(task: str) -> TableFormat:
 
 
 # Reading tables.
+
+#: columns that hold an example's id (hub ``idx``, GLUE TSV ``index``/``id``), written in records
+ID_COLUMNS = ("idx", "index", "id")
 
 SUFFIXES = {
     ".tsv": "tsv",
@@ -277,6 +281,7 @@ def rows_to_split(
     """Read a table into a :class:`TextSplit`; the label column may be absent in test splits."""
     segment_columns = [_find_column(names, columns) for names in fmt.segments]
     label_column = _find_column(fmt.label_columns, columns)
+    id_column = _find_column(ID_COLUMNS, columns)
     needs_labels = name not in fmt.test_splits
     if not columns:
         raise DataError(f"{source} is empty; expected a header or records with named columns")
@@ -288,8 +293,10 @@ def rows_to_split(
             f"{expected}; see the task's official GLUE TSV header or the Hugging Face names"
         )
     segments: list[list[str]] = [[] for _ in segment_columns]
-    labels = []
+    labels, ids = [], []
     for where, row in rows:
+        if id_column is not None:
+            ids.append(_as_id(row.get(id_column)))
         for texts, column in zip(segments, segment_columns, strict=True):
             text = row.get(column)
             if not isinstance(text, str):
@@ -297,7 +304,16 @@ def rows_to_split(
             texts.append(text)
         if label_column is not None:
             labels.append(fmt.parse_label(row.get(label_column), where))
-    return TextSplit(name, source, segments, _all_or_none(labels, source))
+    return TextSplit(
+        name, source, segments, _all_or_none(labels, source), ids if id_column else None
+    )
+
+
+def _as_id(value: Any) -> Any:
+    """An example id as JSON writes it: digit strings (TSV) as numbers."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
 
 
 def _all_or_none(labels: list[int | float | None], source: str) -> list | None:

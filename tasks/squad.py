@@ -53,7 +53,9 @@ class SquadSplit(TextSplit):
     def subset(self, indices: list[int]) -> SquadSplit:
         part = super().subset(indices)
         examples = [self.examples[i] for i in indices]
-        return SquadSplit(part.name, part.source, part.segments, part.labels, examples)
+        return SquadSplit(
+            part.name, part.source, part.segments, part.labels, part.ids, examples=examples
+        )
 
 
 def squad_split(name: str, source: str, examples: list[dict[str, Any]]) -> SquadSplit:
@@ -63,7 +65,8 @@ def squad_split(name: str, source: str, examples: list[dict[str, Any]]) -> Squad
         source,
         [[e["question"] for e in examples], [e["context"] for e in examples]],
         [int(bool(e["answers"]["text"])) for e in examples],
-        list(examples),
+        [e["id"] for e in examples],
+        examples=list(examples),
     )
 
 
@@ -171,6 +174,11 @@ class SquadDataModule(MaCSCDataModule):
         self.max_answer_length = max_answer_length
         self.pad_to_max_length = pad_to_max_length
         self._evaluation: dict[str, SpanEvaluationData] = {}
+
+    @property
+    def task(self) -> str:
+        """The task's name in run summaries: ``squad_v1.1`` or ``squad_v2.0``."""
+        return f"squad_v{self.version}"
 
     @property
     def version_2(self) -> bool:

@@ -136,9 +136,9 @@ def test_checkpoint_reloads_with_what_only_the_data_knew(demo_run):
     assert model.spec.kind == "classification" and model.spec.num_labels == 2
     assert model.modalities == ["text", "image", "audio", "video"]
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    assert torch.equal(model.class_prior, state["class_prior"])
+    assert torch.equal(model.objective.class_prior, state["objective.class_prior"])
     # the prior came from the demo's balanced training split (add-one smoothed)
-    assert torch.allclose(model.class_prior, torch.tensor([0.5, 0.5]))
+    assert torch.allclose(model.objective.class_prior, torch.tensor([0.5, 0.5]))
 
 
 def test_resume_with_ckpt_path_continues_the_run(demo_run, tiny_backbone, tmp_path):
@@ -229,18 +229,15 @@ def test_prototypes_command_fills_the_cache_ahead_of_training(tiny_backbone, tmp
     assert len(entries) == 6, sorted(p.name for p in entries)
 
 
-def test_predict_writes_one_line_per_example(demo_run, tiny_backbone, tmp_path):
+def test_predict_writes_one_line_per_example_by_default(demo_run, tiny_backbone, tmp_path):
     checkpoint = next(demo_run.rglob("last.ckpt"))
     args = demo_args(tiny_backbone, tmp_path, "--ckpt_path", str(checkpoint))
-    args += ["--trainer.callbacks+=macsc.writers.PredictionWriter"]
-    args += ["--trainer.callbacks.init_args.output_dir", str(tmp_path / "out")]
     assert main(["predict", *args]) == 0
-    lines = [
-        json.loads(line)
-        for line in (tmp_path / "out" / "predictions.rank0.jsonl").read_text().splitlines()
-    ]
-    assert sorted(line["index"] for line in lines) == list(
-        range(200)
-    )  # the demo's validation split
+    (written,) = tmp_path.rglob("predictions-validation.jsonl")
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(200))  # the demo's validation split
     assert {line["prediction"] for line in lines} <= {"cool", "warm"}
+    assert all(0.5 <= line["probability"] <= 1.0 for line in lines)  # of the chosen class
+    assert lines[0]["text"].endswith(".") and lines[0]["gold"] in {"cool", "warm"}
     assert set(lines[0]["branches"]) == {"text", "image", "audio", "video"}
+    assert not list(written.parent.glob("metrics-*.json"))  # nothing is scored in predict

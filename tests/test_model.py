@@ -66,17 +66,19 @@ def test_forward_backward_every_modality_set_and_kind(tiny_backbone, modalities,
     forward = model(batch)
     M = len(modalities)
     expected = (M, 6, 3) if task["kind"] == "classification" else (M, 6)
-    assert forward["outputs"].shape == expected
+    assert forward.outputs.shape == expected
     losses = model.compute_losses(batch, forward)
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.network.backbone.parameters()
+    )
     if M > 1:
-        assert model.rho_logits.grad.abs().sum() > 0
+        assert model.objective.rho_logits.grad.abs().sum() > 0
         assert losses["pairs"].shape == (M * (M - 1),)
         # with two modalities each row of pi_z has a single entry, fixed at one
-        assert (model.calibration.z.grad.abs().sum() > 0) == (M > 2)
-        for enhancer in model.enhancers.values():
+        assert (model.objective.calibration.z.grad.abs().sum() > 0) == (M > 2)
+        for enhancer in model.network.enhancers.values():
             assert enhancer.project.weight.grad.abs().sum() > 0
     else:
         assert "msb" not in losses
@@ -104,18 +106,21 @@ def test_enhancement_false_skips_attention(tiny_backbone):
         task=CLASSIFICATION,
         enhancement=False,
     )
-    assert not hasattr(model.enhancers["image"], "attention")
+    assert not hasattr(model.network.enhancers["image"], "attention")
     model.eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
-        text_only = model.backbone(
+        text_only = model.network.backbone(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        pooled = model(batch)["pooled"]
+        pooled = model(batch).features
     # the text branch reads H^t unchanged; the image branch is the masked mean of P_m
     assert torch.allclose(pooled[0], text_only[:, 0], atol=1e-6)
     features = batch["prototypes"]["image"]["features"]
-    projected = model.enhancers["image"].project(features) + model.enhancers["image"].type_embedding
+    projected = (
+        model.network.enhancers["image"].project(features)
+        + model.network.enhancers["image"].type_embedding
+    )
     assert torch.allclose(pooled[1], projected.mean(1), atol=1e-5)
 
 
@@ -129,7 +134,7 @@ def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
     ).eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
-        text = model.backbone(
+        text = model.network.backbone(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             token_type_ids=batch["token_type_ids"],
@@ -138,10 +143,12 @@ def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
         for name in ("image", "audio"):
             p = batch["prototypes"][name]
             enhanced.append(
-                model.enhancers[name](text, batch["attention_mask"], p["features"], p["mask"])[0]
+                model.network.enhancers[name](
+                    text, batch["attention_mask"], p["features"], p["mask"]
+                )[0]
             )
         expected = torch.stack(enhanced).mean(0)[:, 0]
-        assert torch.allclose(model(batch)["pooled"][0], expected, atol=1e-5)
+        assert torch.allclose(model(batch).features[0], expected, atol=1e-5)
 
 
 def test_calibration_module_equals_functional_eq13():

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from macsc.fusion import ConceptEnhancer, few_query_attention, select_rows, sentence_pool
+from macsc.heatmaps import ModalityWeightHeatmaps
 from macsc.model import MaCSC
 
 GAUSSIAN = {
@@ -99,13 +100,13 @@ def test_pooled_text_branch_matches_the_full_computation(tiny_backbone, pooling)
     batch = make_batch(model, tiny_backbone)
     mask = batch["attention_mask"]
     with torch.no_grad():
-        text = model.backbone(
+        text = model.network.backbone(
             input_ids=batch["input_ids"],
             attention_mask=mask,
             token_type_ids=batch["token_type_ids"],
         ).last_hidden_state
         enhanced = [
-            model.enhancers[name](
+            model.network.enhancers[name](
                 text,
                 mask,
                 batch["prototypes"][name]["features"],
@@ -114,7 +115,7 @@ def test_pooled_text_branch_matches_the_full_computation(tiny_backbone, pooling)
             for name in ("image", "audio")
         ]
         expected = sentence_pool(torch.stack(enhanced).mean(0), mask, pooling)
-        torch.testing.assert_close(model(batch)["pooled"][0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(batch).features[0], expected, rtol=1e-5, atol=1e-5)
 
 
 class RecordingLogger(Logger):
@@ -164,7 +165,8 @@ def test_logger_gets_every_value_at_every_log_step(tiny_backbone):
     expected |= {"loss/pair/text->image", "weights/pair/audio->text"}
     for tags in logger.steps.values():
         assert expected <= tags
-    assert model._agreement_count == 6  # the heatmap's mean still sees every step
+    heatmaps = next(c for c in trainer.callbacks if isinstance(c, ModalityWeightHeatmaps))
+    assert heatmaps._count == 6  # the heatmap's mean still sees every step
 
 
 def test_optimizer_is_fused_adamw_on_cpu(tiny_backbone):

@@ -16,6 +16,7 @@ import torch
 from test_cli import demo_args
 from transformers import AutoTokenizer
 
+import macsc.objective as objective
 from macsc.model import MaCSC
 
 SENTENCES = [
@@ -81,14 +82,14 @@ def ddp_worker(fabric, backbone: str, batch: dict, out: Path) -> None:
     torch.set_num_threads(1)
     model = loss_model(backbone, gather=True)
     seen_keys = []
-    gather = model._gather
+    gather = objective.gather_batch
 
     def recording_gather(*args):
         out = gather(*args)
         seen_keys.append(out[2])
         return out
 
-    model._gather = recording_gather
+    objective.gather_batch = recording_gather
     ddp = fabric.setup_module(model)
     half = len(LABELS) // 2
     losses = ddp(rows(batch, slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)))
@@ -139,10 +140,10 @@ class RankRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         record = {
-            "prior": pl_module.class_prior.tolist(),
+            "prior": pl_module.objective.class_prior.tolist(),
             "labels": trainer.datamodule.train_label_classes().tolist(),
             "batches": self.batches,
-            "skipped": int(pl_module.skipped_batches),
+            "skipped": int(pl_module.guard.skipped_batches),
             "finite": all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
         }
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -181,5 +182,8 @@ def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone
 
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     model = MaCSC.load_from_checkpoint(checkpoint)  # saved under DDP, loaded in one process
-    assert model.class_prior.tolist() == ranks[0]["prior"] and int(model.skipped_batches) == 1
+    assert (
+        model.objective.class_prior.tolist() == ranks[0]["prior"]
+        and int(model.guard.skipped_batches) == 1
+    )
     assert all(torch.isfinite(p).all() for p in model.parameters())

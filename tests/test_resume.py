@@ -127,7 +127,7 @@ def test_resumed_run_equals_the_uninterrupted_one(
     before = {s: v for s, v in first.validations.items() if s in expected.validations}
     seen = before | second.validations
     assert seen == expected.validations and len(seen) == 3
-    assert torch.equal(resumed.skipped_batches, reference.skipped_batches)
+    assert torch.equal(resumed.guard.skipped_batches, reference.guard.skipped_batches)
     got, want = resumed.state_dict(), reference.state_dict()
     assert got.keys() == want.keys()
     for key in want:

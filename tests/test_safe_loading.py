@@ -97,10 +97,10 @@ def test_checkpoint_of_another_architecture_names_the_keys(
         MaCSC.load_from_checkpoint(checkpoint, modalities=["text", "image"])
     message = str(error.value)
     assert message.startswith("the checkpoint does not fit this model")
-    assert "unexpected keys ['enhancers.audio." in message
+    assert "unexpected keys ['network.enhancers.audio." in message
     assert "rho_logits (4,) (expected (2,))" in message
     # another backbone width
-    with pytest.raises(CheckpointError, match=r"wrong shapes \['backbone\.") as error:
+    with pytest.raises(CheckpointError, match=r"wrong shapes \[.*'network\.backbone\.") as error:
         MaCSC.load_from_checkpoint(checkpoint, backbone=wider)
     assert "\n" not in str(error.value) and len(str(error.value)) < 2500
 
@@ -113,7 +113,7 @@ def test_checkpoint_of_another_architecture_names_the_keys(
     assert main(["fit", *demo_args(tiny_backbone, tmp_path, "--ckpt_path", str(moved))]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("macsc: error: the checkpoint does not fit this model")
-    assert "wrong shapes ['backbone.embeddings" in err and "It was saved with {'backbone'" in err
+    assert "wrong shapes ['head.linear.weight" in err and "It was saved with {'backbone'" in err
 
 
 def test_missing_or_damaged_checkpoint_is_one_line(checkpoint, tmp_path):

@@ -44,7 +44,7 @@ def train_pi_z(weight_normalization: str, steps: int = 250, lam: float = 1.0) ->
     for _ in range(steps):
         inputs, labels = synthetic_batch(generator, 64, classes, width, codes)
         pooled = torch.stack([encoder(x) for encoder, x in zip(encoders, inputs, strict=True)])
-        logits = head(pooled)
+        logits = head.linear(pooled)
         batch = {"labels": labels}
         wa = head.aggregation_loss(logits, rho, batch)
         positives = labels[:, None] == labels[None, :]

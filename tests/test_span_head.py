@@ -3,21 +3,20 @@ distributions, and SQuAD metrics on crafted logits (hand-checked EM / F1)."""
 
 from __future__ import annotations
 
-import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from macsc.heads import (
     EvaluationContext,
+    HeadOutput,
     SpanEvaluationData,
     SpanLogits,
     build_task_head,
     score_spans,
 )
+from macsc.network import BranchRepresentations
 from macsc.task import TaskSpec
 
 SPEC = TaskSpec(kind="span", num_labels=2, metrics=["exact", "f1"])
@@ -32,8 +31,13 @@ def head(branches=2, hidden=8):
 
 
 def test_forward_gives_start_and_end_per_branch():
-    outputs = head(3)(torch.zeros(3, 2, 8), torch.randn(3, 2, 5, 8))
-    assert outputs.shape == (3, 2, 5, 2)
+    text, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
+    enhanced = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    prototypes = [torch.randn(2, 4, 8), torch.randn(2, 4, 8)]
+    masks = [torch.ones(2, 4, dtype=torch.bool)] * 2
+    representations = BranchRepresentations(text, mask, enhanced, prototypes, masks, None, "first")
+    output = head(3)(representations, {})
+    assert output.outputs.shape == (3, 2, 5, 2) and output.features.shape == (3, 2, 8)
 
 
 def test_loss_is_the_mean_of_start_and_end_mixture_cross_entropies():
@@ -77,8 +81,8 @@ def test_allocation_distributions_live_on_the_answer_positions():
     attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     batch = {"context_mask": context, "attention_mask": attention}
     distributions = head().allocation_distributions(outputs, torch.ones(1), 0.0, batch)
-    assert distributions.shape == (2, 2, 12) and not distributions.requires_grad
-    start, end = distributions[..., :6], distributions[..., 6:]
+    assert distributions.shape == (2, 2, 2, 6) and not distributions.requires_grad
+    start, end = distributions[:, :, 0], distributions[:, :, 1]
     for half, side in ((start, 0), (end, 1)):
         assert torch.allclose(half.sum(-1), torch.ones(2, 2))
         assert (half[:, ~context] == 0).all()
@@ -108,7 +112,6 @@ class FakeData:
             "cls_index": [0] * len(examples),
         }
         self.data = SpanEvaluationData(examples, features, version_2)
-        self.trainer = None
 
     def span_evaluation(self, stage, split):
         assert (stage, split) == ("val", "validation")
@@ -123,24 +126,25 @@ def example(qid, answer):
     return {"id": qid, "context": CONTEXT, "question": "?", "answers": answers}
 
 
-def evaluate(span_head, examples, outputs, version_2, log_dir):
-    metrics = nn.ModuleDict({name: span_head.make_metrics() for name in ("fused", "text", "image")})
+def evaluate(span_head, examples, outputs, version_2):
+    metrics = span_head.make_metrics(["fused", "text", "image"])
     batch = {
         "attention_mask": torch.cat(
             [torch.ones(len(examples), LENGTH), torch.zeros(len(examples), 1)], 1
         ),
         "feature_index": torch.arange(len(examples)),
     }
-    span_head.update_metrics(metrics, outputs, torch.tensor([0.3, -0.2]), batch)
-    context = EvaluationContext("val", "validation", FakeData(examples, version_2), log_dir)
+    span_head.update_metrics(metrics, HeadOutput(outputs), None, torch.tensor([0.3, -0.2]), batch)
+    context = EvaluationContext("val", "validation", FakeData(examples, version_2))
     return span_head.compute_metrics(metrics, context)
 
 
-def test_v2_metrics_at_the_best_null_threshold_and_the_files(tmp_path):
+def test_v2_metrics_at_the_best_null_threshold_and_the_files():
     examples = [example("a", "Denver Broncos"), example("b", None), example("c", "Super Bowl 50")]
     # a: "Denver Broncos" (right); b: "Super Bowl" but CLS scores higher; c: "Super Bowl" (F1 0.8)
     outputs = crafted_logits([(4, 5, 10.0), (7, 8, 5.0), (7, 8, 10.0)], [0.0, 8.0, 0.0])
-    values = evaluate(head(), examples, outputs, True, tmp_path)
+    result = evaluate(head(), examples, outputs, True)
+    values = result.metrics
     # null odds: a -20, b 16 - 10 = +6, c -20; the best F1 threshold (-20) answers a and c only
     expected = {
         "exact": 200 / 3,
@@ -155,34 +159,26 @@ def test_v2_metrics_at_the_best_null_threshold_and_the_files(tmp_path):
     for name, value in expected.items():
         for key in (name, f"{name}/text", f"{name}/image"):
             assert values[key] == pytest.approx(value, abs=1e-3), key
-    folder = tmp_path / "val_validation_step0"
-    predictions = json.loads((folder / "predictions.json").read_text())
-    assert predictions == {"a": "Denver Broncos", "b": "", "c": "Super Bowl"}
-    null_odds = json.loads((folder / "null_odds.json").read_text())
-    assert null_odds["b"] == pytest.approx(6.0, abs=1e-3)
+    assert result.files["predictions.json"] == {"a": "Denver Broncos", "b": "", "c": "Super Bowl"}
+    assert result.files["null_odds.json"]["b"] == pytest.approx(6.0, abs=1e-3)
+    # one record per question: its answer, EM and F1 (c: "Super Bowl" vs "Super Bowl 50")
+    records = {record["id"]: record for record in result.records}
+    assert records["a"]["correct"] and records["a"]["f1"] == 1.0
+    assert records["b"]["prediction"] == "" and records["b"]["gold"] == []
+    assert records["b"]["exact"] == 1 and records["b"]["correct"]
+    assert records["c"]["exact"] == 0 and records["c"]["f1"] == pytest.approx(0.8)
+    assert not records["c"]["correct"] and records["c"]["branches"]["image"] == "Super Bowl"
 
 
-def test_v1_metrics_and_no_null_odds_file(tmp_path):
+def test_v1_metrics_and_no_null_odds_file():
     examples = [example("a", "Denver Broncos"), example("c", "Super Bowl 50")]
     outputs = crafted_logits([(4, 5, 10.0), (7, 8, 10.0)], [0.0, 30.0])  # CLS is no answer in v1
-    values = evaluate(head(), examples, outputs, False, tmp_path)
+    result = evaluate(head(), examples, outputs, False)
+    values = result.metrics
     assert values["exact"] == pytest.approx(50.0) and values["f1"] == pytest.approx(90.0)
     assert values["f1/image"] == pytest.approx(90.0)
     assert not any(name.startswith("NoAns") for name in values)
-    assert not (tmp_path / "val_validation_step0" / "null_odds.json").exists()
-
-
-def test_no_files_during_the_sanity_check_or_without_a_log_folder(tmp_path):
-    examples = [example("a", "Denver Broncos")]
-    outputs = crafted_logits([(4, 5, 10.0)], [0.0])
-    evaluate(head(), examples, outputs, True, None)
-    data = FakeData(examples, True)
-    data.trainer = SimpleNamespace(sanity_checking=True, is_global_zero=True, global_step=0)
-    metrics = nn.ModuleDict({name: head().make_metrics() for name in ("fused", "text", "image")})
-    batch = {"attention_mask": torch.ones(1, LENGTH + 1), "feature_index": torch.tensor([0])}
-    head().update_metrics(metrics, outputs, torch.zeros(2), batch)
-    head().compute_metrics(metrics, EvaluationContext("val", "validation", data, tmp_path))
-    assert not list(tmp_path.iterdir())
+    assert set(result.files) == {"predictions.json"}
 
 
 def test_span_logits_keep_real_tokens_and_the_first_copy_of_a_feature():

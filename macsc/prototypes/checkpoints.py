@@ -87,8 +87,12 @@ def safe_torch_load(
     A file that needs full unpickling (a pickled class, a lambda: anything besides tensors and
     plain containers) is refused with a :class:`CheckpointError` whose message ends with
     ``how_to_trust``, the option that lets a user who trusts the source load it anyway. A
-    damaged or truncated file is a CheckpointError too.
+    damaged or truncated file is a CheckpointError too, and so is a folder or a file that is
+    no checkpoint at all (a YAML or text file), named as what it is.
     """
+    not_a_checkpoint = describe_non_checkpoint(path)
+    if not_a_checkpoint:
+        raise CheckpointError(f"checkpoint {str(path)!r} {not_a_checkpoint}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
@@ -103,6 +107,31 @@ def safe_torch_load(
             f"checkpoint {str(path)!r} cannot be read ({reason}); is the download complete?"
         ) from error
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def describe_non_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a PyTorch checkpoint (a folder, a text file, ...), or None when
+    it may be one: ``torch.save`` writes a zip archive (or, in the legacy format, a pickle,
+    which starts with the byte 0x80)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.ckpt"))[:4]
+        inside = f" (it holds {found})" if found else ""
+        return f"is a folder, not a checkpoint file{inside}; give the path of one .ckpt file"
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "is an empty file, not a checkpoint; is the download or save complete?"
+    if head.startswith((b"PK\x03\x04", b"\x80")) or zipfile.is_zipfile(path):
+        return None
+    try:
+        first = head.decode("utf-8").strip().splitlines()[0][:60]
+    except (UnicodeDecodeError, IndexError):
+        return "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    kind = "a YAML file" if path.suffix in (".yaml", ".yml") else "a text file"
+    return f"is {kind} (it starts {first!r}), not a PyTorch checkpoint; give a .ckpt file"
 
 
 def load_state_dict_file(path: Path, *, trust_checkpoint: bool = False) -> dict[str, Tensor]:
