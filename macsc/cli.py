@@ -13,7 +13,8 @@ from pathlib import Path
 
 USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc prototypes --config FILE     fill the prototype cache ahead of training
-       macsc squad-eval DATA_JSON PRED_JSON [--na-prob-file F] [--na-prob-thresh T] [--version 2.0|1.1]
+       macsc squad-eval DATA_JSON PRED_JSON [-n NA_PROB_JSON] [-t T] [-o FILE] [-p DIR] [-v]
+                        [--missing-as-wrong] [--version 2.0|1.1]   the official SQuAD scores
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved."""

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from macsc.cli import main as macsc_main
 from macsc.errors import ConfigError, DataError
 from macsc.squad_eval import (
     best_thresholds,
@@ -15,6 +16,7 @@ from macsc.squad_eval import (
     f1_score,
     main,
     normalize_answer,
+    precision_recall_curve,
 )
 
 CONTEXT = "The Eiffel Tower, 1,000 feet tall, stands in Paris, France. A cat sat on the mat."
@@ -202,7 +204,7 @@ def test_cli_bad_input_messages(tmp_path):
         main([data, preds])
     with pytest.raises(DataError, match="does not exist"):
         main([str(tmp_path / "absent.json"), preds])
-    bad = write_json(tmp_path / "bad.json", {"q1": 3})
+    bad = write_json(tmp_path / "bad.json", {"q1": 3, "q2": "x"})
     with pytest.raises(DataError, match="'q1'"):
         main([data, bad])
 
@@ -221,3 +223,237 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert done.returncode == 2
     assert "'q2'" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- the official v2.0 flags, precision-recall, missing predictions, swapped files ------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def squad_eval_cli(capsys, *args):
+    """Run ``macsc squad-eval ARGS``; return (exit code, stdout, stderr)."""
+    code = macsc_main(["squad-eval", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_precision_recall_ap_and_images_through_the_command(tmp_path, capsys):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    preds = write_json(tmp_path / "pred.json", V2_PREDICTIONS)
+    na = write_json(tmp_path / "na.json", NA_PROBS)
+    images = tmp_path / "plots" / "v2"  # created, parents too
+    code, out, _ = squad_eval_cli(capsys, data, preds, "-n", na, "-p", images)
+    assert code == 0
+    scores = json.loads(out)
+    # Answer in na_prob order q1 .1, q5 .3, q2 .6, q4 .8, q3 .9; 3 answerable (q1, q2, q5).
+    # Each point: precision = credit / answered, recall = credit / 3; AP = sum p * (r - r_prev).
+    # EM credit (q1 1, q5 0, q2 0): points (1/3, 1), (1/3, 1/2), (1/3, 1/3), (1/3, 1/4),
+    #   (1/3, 1/5) -> AP = 1 * 1/3 = 1/3.
+    assert scores["pr_exact_ap"] == pytest.approx(100 / 3)
+    # F1 credit (q1 1, q5 0, q2 0.5): (1/3, 1), (1/3, 1/2), (1/2, 1/2), ... ->
+    #   AP = 1 * 1/3 + 1/2 * (1/2 - 1/3) = 5/12.
+    assert scores["pr_f1_ap"] == pytest.approx(500 / 12)
+    # Oracle credits every answerable question 1; q1, q5, q2 come first: recall 1/3, 2/3, 1 at
+    #   precision 1 -> AP = 1.
+    assert scores["pr_oracle_ap"] == pytest.approx(100.0)
+    assert list(scores)[-3:] == ["pr_exact_ap", "pr_f1_ap", "pr_oracle_ap"]
+    # the official scores are unchanged by -p
+    assert {k: v for k, v in scores.items() if not k.startswith("pr_")} == pytest.approx(
+        evaluate_v2(V2_DATA, V2_PREDICTIONS, NA_PROBS)
+    )
+    names = ["na_prob_hist_hasAns", "na_prob_hist_noAns", "pr_exact", "pr_f1", "pr_oracle"]
+    assert sorted(path.stem for path in images.iterdir()) == names
+    assert all(path.read_bytes().startswith(PNG_MAGIC) for path in images.iterdir())
+
+
+def test_precision_recall_points_fall_only_between_distinct_na_probs():
+    # a (answerable, credit 1) and b (unanswerable) share na_prob 0.2, so no threshold splits
+    # them: the first point comes after both, precision 1/2 at recall 1/2; then c (answerable,
+    # credit 1): precision 2/3 at recall 1. AP = 1/2 * 1/2 + 2/3 * 1/2 = 7/12.
+    # (Splitting the tie would give 1 * 1/2 + 2/3 * 1/2 = 5/6 instead.)
+    curve = precision_recall_curve(
+        {"a": 1.0, "b": 0.0, "c": 1.0},
+        {"c": 0.5, "b": 0.2, "a": 0.2, "not in the data": 0.0},
+        {"a": True, "b": False, "c": True},
+    )
+    assert curve.recalls == pytest.approx([0.0, 0.5, 1.0])
+    assert curve.precisions == pytest.approx([1.0, 0.5, 2 / 3])
+    assert curve.average_precision == pytest.approx(700 / 12)
+
+
+def test_short_flags_and_out_file_through_python_dash_m(tmp_path):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    preds = write_json(tmp_path / "pred.json", V2_PREDICTIONS)
+    na = write_json(tmp_path / "na.json", NA_PROBS)
+    out_file = tmp_path / "eval.json"
+
+    def run(*args):
+        done = subprocess.run(
+            [sys.executable, "-m", "macsc.squad_eval", data, preds, *args],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    short = run("-n", na, "-t", "0.5", "-o", str(out_file))
+    long = run("--na-prob-file", na, "--na-prob-thresh", "0.5")
+    assert short == long  # the same single JSON object on stdout
+    assert json.loads(out_file.read_text()) == json.loads(short)
+    # -t 0.5 changes the thresholded scores as hand-computed above (60% rather than 40%)
+    assert json.loads(short)["exact"] == pytest.approx(60.0)
+
+
+def test_out_file_for_v1(tmp_path, capsys):
+    data = write_json(tmp_path / "dev1.json", squad_json([("q1", ["Eiffel Tower"])], "1.1"))
+    preds = write_json(tmp_path / "pred.json", {"q1": "the eiffel tower"})
+    code, out, _ = squad_eval_cli(capsys, data, preds, "--out-file", tmp_path / "eval.json")
+    assert code == 0
+    assert json.loads(out) == json.loads((tmp_path / "eval.json").read_text())
+    assert json.loads(out) == {"exact_match": 100.0, "f1": 100.0}
+
+
+V1_DATA = squad_json(
+    [("q1", ["the Eiffel Tower"]), ("q2", ["Paris, France"]), ("q5", ["1,000 feet"])], "1.1"
+)
+
+
+def test_missing_as_wrong_v1_scores_zero_with_a_warning(tmp_path, capsys):
+    data = write_json(tmp_path / "dev1.json", V1_DATA)
+    preds = write_json(tmp_path / "pred.json", {"q1": "Eiffel Tower", "q2": "in Paris"})
+    code, _, err = squad_eval_cli(capsys, data, preds)
+    assert code == 2
+    assert "miss 1 of 3 question ids ('q5')" in err and "--missing-as-wrong" in err
+    code, out, err = squad_eval_cli(capsys, data, preds, "--missing-as-wrong")
+    assert code == 0
+    # q1 EM 1 / F1 1, q2 EM 0 / F1 1/2 ("in paris" vs "paris france"), q5 missing: 0 / 0;
+    # the total still counts q5: EM 1/3, F1 1.5/3.
+    assert json.loads(out) == pytest.approx({"exact_match": 100 / 3, "f1": 50.0})
+    assert "warning" in err and "miss 1 of 3" in err and "'q5'" in err
+
+
+def test_missing_as_wrong_v2_is_wrong_at_every_threshold(tmp_path, capsys):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    # q3 (unanswerable) and q5 (answerable) have neither a prediction nor a na_prob.
+    preds = write_json(
+        tmp_path / "pred.json", {"q1": "Eiffel tower!", "q2": "in Paris", "q4": "a dog"}
+    )
+    na = write_json(tmp_path / "na.json", {"q1": 0.1, "q2": 0.6, "q4": 0.8})
+    args = (data, preds, "-n", na, "-t", "0.5", "-p", tmp_path / "img", "--missing-as-wrong")
+    code, out, err = squad_eval_cli(capsys, *args)
+    assert code == 0
+    assert "miss 2 of 5 question ids ('q3', 'q5')" in err
+    scores = json.loads(out)
+    # At 0.5: q1 answered (1), q2 null but answerable (0), q4 null and unanswerable (1),
+    # q3 and q5 missing (0; q3 would be 1 as an empty answer): 2/5 on EM and F1.
+    assert scores["exact"] == scores["f1"] == pytest.approx(40.0)
+    assert scores["HasAns_exact"] == pytest.approx(100 / 3)  # q1 of q1, q2, q5
+    assert scores["NoAns_exact"] == pytest.approx(50.0)  # q4 of q3, q4
+    # Best threshold: start with the answered unanswerable ones null (q4: 1), then q1 .1 (+1),
+    # q2 .6 (EM +0, F1 +0.5), q4 .8 (-1, "a dog"); q3/q5 never count. EM 2/5 at 0.1, F1 2.5/5
+    # at 0.6.
+    assert scores["best_exact"] == pytest.approx(40.0)
+    assert scores["best_exact_thresh"] == pytest.approx(0.1)
+    assert scores["best_f1"] == pytest.approx(50.0)
+    assert scores["best_f1_thresh"] == pytest.approx(0.6)
+    # PR: order q1 .1, q2 .6, q4 .8, then q3 and q5 last (no na_prob; answered wrong), 3
+    # answerable. EM: (1/3, 1), (1/3, 1/2), (1/3, 1/3), (1/3, 1/5) -> AP 1/3.
+    # F1: (1/3, 1), (1/2, 3/4), ... -> AP 1/3 + 3/4 * 1/6 = 11/24.
+    # Oracle (q5 credited 1): (1/3, 1), (2/3, 1), (2/3, 2/3), (1, 3/5) -> 2/3 + 3/5 * 1/3 = 13/15.
+    assert scores["pr_exact_ap"] == pytest.approx(100 / 3)
+    assert scores["pr_f1_ap"] == pytest.approx(1100 / 24)
+    assert scores["pr_oracle_ap"] == pytest.approx(1300 / 15)
+
+
+def test_missing_ids_in_messages_are_cut_short():
+    long_ids = [("x" * 60 + str(n), ["Paris"]) for n in range(6)]
+    with pytest.raises(DataError) as error:
+        evaluate_v2(squad_json(long_ids), {})
+    message = str(error.value)
+    assert "miss 6 of 6" in message
+    shown = message[message.index("(") + 1 : message.index(")")]
+    assert len(shown) <= 80 + len(", ...")
+
+
+def big_squad(tmp_path, megabytes=2):
+    """A SQuAD v2.0 file of about ``megabytes`` MB (long contexts) and its predictions."""
+    questions = [(f"q{n}", ["Paris, France"] if n % 2 else []) for n in range(200)]
+    data = squad_json(questions)
+    paragraph = data["data"][0]["paragraphs"][0]
+    paragraph["context"] = CONTEXT * (megabytes * 1_000_000 // len(CONTEXT))
+    predictions = {qid: "Paris" for qid, _ in questions}
+    return write_json(tmp_path / "dev-v2.0.json", data), predictions
+
+
+def test_swapped_data_and_predictions_give_a_short_clear_error(tmp_path, capsys):
+    data, predictions = big_squad(tmp_path)
+    assert len(open(data).read()) > 2_000_000
+    preds = write_json(tmp_path / "predictions.json", predictions)
+    code, out, err = squad_eval_cli(capsys, preds, data)
+    assert code == 2 and out == ""
+    assert err == (
+        f"macsc: error: DATA_JSON {preds!r} looks like a predictions file ({{question id: "
+        f"answer}}) and PRED_JSON {data!r} like a SQuAD dataset; the order is: macsc squad-eval "
+        f"DATA_JSON PRED_JSON [-n NA_PROB_JSON]\n"
+    )
+    # the same file twice: the data is fine, the predictions are not predictions
+    code, _, err = squad_eval_cli(capsys, data, data)
+    assert code == 2 and "PRED_JSON" in err and "like a SQuAD dataset" in err
+    assert len(err) < 400 and "Eiffel" not in err
+
+
+def test_null_odds_in_the_wrong_place_give_a_short_clear_error(tmp_path, capsys):
+    data, predictions = big_squad(tmp_path)
+    preds = write_json(tmp_path / "pred.json", predictions)
+    na = write_json(tmp_path / "na.json", dict.fromkeys(predictions, 0.5))
+    code, _, err = squad_eval_cli(capsys, data, na, "-n", preds)
+    assert code == 2
+    assert f"PRED_JSON {na!r} looks like a no-answer probability file" in err
+    assert f"NA_PROB_JSON {preds!r} like a predictions file" in err
+    code, _, err = squad_eval_cli(capsys, na, preds, "-n", data)
+    assert code == 2 and f"DATA_JSON {na!r} looks like a no-answer probability" in err
+    assert f"NA_PROB_JSON {data!r} like a SQuAD dataset" in err and len(err) < 400
+
+
+def test_a_bad_value_is_quoted_in_at_most_80_characters(tmp_path, capsys):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    preds = write_json(tmp_path / "pred.json", {"q1": "x", "q2": ["Paris"] * 100_000})
+    code, _, err = squad_eval_cli(capsys, data, preds)
+    assert code == 2 and "the value for question 'q2' is ['Paris', " in err
+    assert len(err) < 250
+
+
+def test_images_need_na_probs_and_v2_flags_need_v2(tmp_path, capsys):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    preds = write_json(tmp_path / "pred.json", V2_PREDICTIONS)
+    code, out, err = squad_eval_cli(capsys, data, preds, "-p", tmp_path / "img")
+    assert code == 0 and "needs -n/--na-prob-file" in err
+    assert json.loads(out) == pytest.approx(evaluate_v2(V2_DATA, V2_PREDICTIONS))  # no pr_*
+    assert not (tmp_path / "img").exists()
+    v1 = write_json(tmp_path / "dev1.json", V1_DATA)
+    for flag in ("-t", "-p"):
+        code, _, err = squad_eval_cli(capsys, v1, preds, flag, "0.5")
+        assert code == 2 and f"{flag}/--" in err and "v2.0 only" in err
+
+
+def test_verbose_goes_to_stderr(tmp_path, capsys):
+    data = write_json(tmp_path / "dev.json", V2_DATA)
+    preds = write_json(tmp_path / "pred.json", {**V2_PREDICTIONS, "other": "x"})
+    code, out, err = squad_eval_cli(capsys, data, preds, "-v")
+    assert code == 0
+    assert json.loads(out)["total"] == 5  # stdout holds only the JSON
+    assert "5 questions (3 answerable, 2 unanswerable)" in err
+    assert "6 predictions" in err and "1 not in the data" in err
+
+
+def test_json_lines_data_scores_like_the_json_file(tmp_path, capsys):
+    lines = [
+        json.dumps({"id": question["id"], "answers": question["answers"]})
+        for question in V2_DATA["data"][0]["paragraphs"][0]["qas"]
+    ]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    preds = write_json(tmp_path / "pred.json", V2_PREDICTIONS)
+    code, out, _ = squad_eval_cli(capsys, data, preds)
+    assert code == 0
+    assert json.loads(out) == pytest.approx(evaluate_v2(V2_DATA, V2_PREDICTIONS))
