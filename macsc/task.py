@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TASK_KINDS = ("classification", "regression", "span")
+TASK_KINDS = ("classification", "regression", "span", "generation")
 
 
 @dataclass
 class TaskSpec:
-    """kind: ``classification`` | ``regression`` | ``span``.
-    num_labels: classes (classification), 1 (regression), 2 (span: start and end).
-    metrics: names the model computes, e.g. ``["accuracy", "f1"]``, ``["spearman", "pearson"]``.
+    """kind: ``classification`` | ``regression`` | ``span`` | ``generation`` (a sentence from
+        a decoder, ``labels`` are target token ids).
+    num_labels: classes (classification), 1 (regression), 2 (span: start and end), 1
+        (generation: one output sequence).
+    metrics: names the model computes, e.g. ``["accuracy", "f1"]``, ``["spearman", "pearson"]``,
+        ``["bleu_4", "meteor", "rouge_l", "cider", "coverage"]``.
     label_bins: regression only, the bin centres used for the class prior and the label mask
         (STS-B: ``[0, 1, 2, 3, 4, 5]``).
     val_names: one name per validation dataloader (MNLI: ``["matched", "mismatched"]``).
