@@ -77,16 +77,9 @@ class GenerationEvaluationData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @classmethod
-    def from_concept_sets(cls, sets: Sequence[ConceptSet]) -> GenerationEvaluationData:
-        return cls(
-            [s.id for s in sets],
-            [list(s.concepts) for s in sets],
-            [list(s.references) for s in sets],
-        )
-
     @property
     def labelled(self) -> bool:
+        """Whether every set has a reference (false for a split to predict on only)."""
         return all(self.references)
 
     def score(self, predictions: Mapping[int, str]) -> dict[str, float]:

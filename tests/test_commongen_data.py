@@ -76,7 +76,7 @@ def test_every_format_gives_one_evaluation_item_per_concept_set_with_its_referen
     data = dm.generation_references("val", "validation")
     assert len(data) == 3 and batch["example_index"].tolist() == [0, 1, 2]
     assert data.concepts == [c for c, _ in SETS]
-    assert data.references == [refs for _, refs in SETS]
+    assert data.references == [refs for _, refs in SETS] and data.labelled
     assert data.ids == ["dog#frisbee#catch", "kid#ball#kick", "apple#tree#pick"]
     assert batch["segments"] == [["dog frisbee catch", "kid ball kick", "apple tree pick"]]
     assert "labels" not in batch
@@ -121,6 +121,49 @@ def test_training_batch_labels_are_target_ids_padded_with_minus_100(tmp_path):
         lengths.append(len(target))
     assert batch["labels"].shape[1] == max(lengths)  # padded to the batch's longest target
     assert min(lengths) < max(lengths)
+
+
+def tiny_t5_tokenizer():
+    """A T5-style tokenizer (sentencepiece, ``</s>`` = 1 appended, pad = 0, no start token)
+    trained on the test sentences: no T5 tokenizer can be downloaded here."""
+    import io
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([t for _, t in PAIRS] * 5),
+        model_writer=model,
+        vocab_size=80,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    pieces = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def test_t5_style_labels_end_with_eos_and_are_padded_with_minus_100_not_the_pad_id(tmp_path):
+    tokenizer = tiny_t5_tokenizer()
+    dm = CommonGenDataModule(data_files={"train": write_target_lines(tmp_path / "t.jsonl")})
+    dm.connect(tokenizer, {})
+    batch = next(iter(dm.train_dataloader()))
+    labels, mask = batch["labels"], batch["attention_mask"]
+    lengths = (labels != -100).sum(1)
+    assert lengths.min() < lengths.max()
+    for row, length in enumerate(lengths.tolist()):
+        assert labels[row, length - 1] == tokenizer.eos_token_id == 1
+        assert (labels[row, :length] != 2).all()  # no unknown pieces: the vocabulary fits
+        assert (batch["input_ids"][row][mask[row] == 0] == 0).all()
+    assert tokenizer.pad_token_id == 0 and not (labels == 0).any()
+    assert (mask == 0).any()  # some encoder inputs are padded
 
 
 def test_long_targets_are_cut_to_max_target_length(tmp_path):
@@ -170,7 +213,7 @@ def test_an_unlabelled_test_split_can_be_predicted_but_not_evaluated(tmp_path):
     source = write_release(tmp_path, "test", targets=False)
     dm = connected({"test": source}, test_on="test")
     data = dm.generation_references("predict")
-    assert data.references == [[], [], []] and len(data) == 3
+    assert data.references == [[], [], []] and len(data) == 3 and not data.labelled
     batch = next(iter(dm.predict_dataloader()))
     assert batch["example_index"].tolist() == [0, 1, 2]
     with pytest.raises(DataError, match="has no labels"):
