@@ -2,7 +2,8 @@
 
 ``macsc fit|validate|test|predict --config FILE`` is a LightningCLI over :class:`macsc.model.MaCSC`
 and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
-ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation.
+ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation;
+``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc prototypes --config FILE     fill the prototype cache ahead of training
        macsc squad-eval DATA_JSON PRED_JSON [-n NA_PROB_JSON] [-t T] [-o FILE] [-p DIR] [-v]
                         [--missing-as-wrong] [--version 2.0|1.1]   the official SQuAD scores
+       macsc commongen-eval REFERENCES PREDICTIONS   BLEU-4, METEOR, ROUGE-L, CIDEr, coverage (JSON)
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved."""
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from .squad_eval import main as squad_eval
 
             return int(squad_eval(argv[1:]) or 0)
+        if argv[0] == "commongen-eval":
+            from .commongen_eval import main as commongen_eval
+
+            return int(commongen_eval(argv[1:]) or 0)
         if argv[0] == "prototypes":
             fill_prototype_cache(argv[1:])
             return 0

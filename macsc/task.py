@@ -11,12 +11,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+
 @dataclass
 class TaskSpec:
     """kind: the task kind, which selects the model's head (:mod:`macsc.heads`):
-        ``classification`` | ``regression`` | ``span`` | ``generation`` (or a registered one).
-    num_labels: classes (classification), 1 (regression), 2 (span: start and end).
-    metrics: names the model computes, e.g. ``["accuracy", "f1"]``, ``["spearman", "pearson"]``.
+        ``classification`` | ``regression`` | ``span`` | ``generation`` (a sentence from a
+        decoder; ``labels`` are target token ids), or a kind a new head registers.
+    num_labels: classes (classification), 1 (regression), 2 (span: start and end), 1
+        (generation: one output sequence).
+    metrics: names the model computes, e.g. ``["accuracy", "f1"]``, ``["spearman", "pearson"]``,
+        ``["bleu_4", "meteor", "rouge_l", "cider", "coverage"]``.
     label_bins: regression only, the bin centres used for the class prior and the label mask
         (STS-B: ``[0, 1, 2, 3, 4, 5]``).
     val_names: one name per validation dataloader (MNLI: ``["matched", "mismatched"]``).

@@ -1,0 +1,456 @@
+"""CommonGen evaluation: BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE) with the COCO caption
+toolkit, plus concept coverage; ``macsc commongen-eval`` prints them as JSON.
+
+How the scorers are fed, after the official CommonGen evaluation (``INK-USC/CommonGen``,
+``evaluation/Traditional/eval_metrics/eval.py``): one entry per concept set, its reference
+list holding every reference of the set, its hypothesis list the one prediction; every scorer
+sees the whole corpus at once (BLEU counts are summed over the sets; CIDEr's document
+frequencies come from the references of the sets being scored). BLEU-4 is ``Bleu(4)[0][3]``.
+
+Two deliberate differences from that script, both because its tools are not usable here:
+
+- tokenisation: the COCO toolkit's own ``PTBTokenizer`` (the Stanford tokenizer, lower case,
+  punctuation dropped), as the COCO evaluation does, where the CommonGen script used spaCy's
+  tokenizer (case and punctuation kept). spaCy's English models cannot be installed offline.
+- ROUGE-L: the toolkit's ``Rouge`` (sentence-level LCS F-measure, beta 1.2, averaged over the
+  sets), where the CommonGen repository ran the Perl ROUGE-1.5.5 through another script.
+
+Concept coverage (the CommonGen ``PivotScore`` script's idea): the share of a set's concepts
+found among the lemmas of the prediction's tokens, averaged over concept sets (0-1). Lemmas come
+from ``lemminflect`` (it carries its data; spaCy's lemmatiser is not available offline). Having
+no tagger, a word stands for every lemma ``lemminflect`` knows for it under any part of speech
+("leaves" -> leave, leaf), so a concept is covered when its lemmas and a token's lemmas meet.
+
+SPICE needs Stanford CoreNLP jars that ``pycocoevalcap`` downloads on first use; it runs when
+they are present and is skipped, with a one-line notice, when they are not.
+
+Scales: as the toolkit returns them (BLEU, METEOR, ROUGE-L, SPICE in 0-1; CIDEr-D 0-10), and
+coverage a fraction. Papers print them times 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from macsc.commongen_data import (
+    ConceptSet,
+    concept_set_key,
+    group_concept_sets,
+    json_object,
+    read_examples,
+    read_utf8_lines,
+)
+from macsc.errors import ConfigError, DataError
+
+METRICS = ("bleu_4", "meteor", "rouge_l", "cider", "coverage")
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_spice_notice_shown = False
+
+
+@dataclass
+class GenerationEvaluationData:
+    """The concept sets of one evaluation split, in item order: a batch's ``example_index``
+    (``(B,)``) indexes these lists.
+
+    ids: each set's id (the dataset's ``concept_set_idx``, else its concepts joined by ``#``).
+    concepts: each set's concepts, in the dataset's order.
+    references: each set's reference sentences (``[]`` for every set of an unlabelled split).
+    """
+
+    ids: list[str]
+    concepts: list[list[str]]
+    references: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every set has a reference (false for a split to predict on only)."""
+        return all(self.references)
+
+    def score(self, predictions: Mapping[int, str]) -> dict[str, float]:
+        """:func:`score_commongen` of the sets that have a prediction (``example_index`` ->
+        sentence), so a partial pass (sanity check, ``limit_val_batches``) scores what it saw."""
+        order = sorted(predictions)
+        return score_commongen(
+            [self.concepts[i] for i in order],
+            [predictions[i] for i in order],
+            [self.references[i] for i in order],
+        )
+
+    def records(self, predictions: Mapping[int, str]) -> list[dict[str, Any]]:
+        """The ``predictions-<split>.jsonl`` lines of the sets in ``predictions``, in order:
+        ``{"id", "concepts", "gold", "prediction", "correct": null}``."""
+        return [
+            {
+                "id": self.ids[i],
+                "concepts": self.concepts[i],
+                "gold": self.references[i],
+                "prediction": predictions[i],
+                "correct": None,
+            }
+            for i in sorted(predictions)
+        ]
+
+
+# --- scores ----------------------------------------------------------------------------------
+
+
+def score_commongen(
+    concepts: Sequence[Sequence[str]],
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    *,
+    spice: bool | None = None,
+) -> dict[str, float]:
+    """The CommonGen metrics of ``predictions`` (one sentence per concept set) against
+    ``references`` (every reference of each set), with the COCO caption toolkit.
+
+    Returns ``bleu_4``, ``meteor``, ``rouge_l``, ``cider``, ``coverage`` and, when SPICE ran,
+    ``spice``. spice: None runs SPICE when its models are present (else a one-line notice on
+    stderr), True requires it, False skips it. Java runs the tokenizer and METEOR.
+    """
+    if not len(concepts) == len(predictions) == len(references):
+        raise ValueError(
+            f"score_commongen needs one entry per concept set in each list, got "
+            f"{len(concepts)} concept sets, {len(predictions)} predictions, "
+            f"{len(references)} reference lists"
+        )
+    if not concepts:
+        raise DataError("there are no concept sets to score")
+    for number, refs in enumerate(references):
+        if not refs:
+            raise DataError(
+                f"concept set {concept_set_key(concepts[number])!r} has no reference sentence; "
+                "scoring needs at least one per set (the hub's test split has none)"
+            )
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    _meteor()  # its Java process loads its tables while the tokenizer runs
+    gts, res = ptb_tokenize(references, predictions)
+    scores = {
+        "bleu_4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+        "meteor": _meteor_score(gts, res),
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+        "coverage": sum(
+            concept_coverage(concepts[i], res[str(i)][0].split()) for i in range(len(concepts))
+        )
+        / len(concepts),
+    }
+    if _should_run_spice(spice):
+        spice_score = _spice_score(gts, res, required=bool(spice))
+        if spice_score is not None:
+            scores["spice"] = spice_score
+    return {name: float(value) for name, value in scores.items()}
+
+
+def ptb_tokenize(
+    references: Sequence[Sequence[str]], predictions: Sequence[str]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """References and predictions through the toolkit's ``PTBTokenizer`` in one Java run.
+
+    Returns the toolkit's input dicts: set key -> tokenised references, and set key -> ``[the
+    tokenised prediction]`` (keys ``"0"``, ``"1"``, ... in order).
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # a newline would end a sentence early in the line-preserving tokenizer
+    captions = {
+        f"{kind}{i}": [{"caption": " ".join(text.split())} for text in texts]
+        for kind, lists in (("ref", references), ("hyp", [[p] for p in predictions]))
+        for i, texts in enumerate(lists)
+    }
+    with _java_errors("the PTB tokenizer") as log:
+        tokens = PTBTokenizer().tokenize(captions)
+    if any(len(tokens.get(key, ())) != len(texts) for key, texts in captions.items()):
+        raise ConfigError(
+            f"the COCO toolkit's PTB tokenizer (Java) returned fewer lines than it was given: "
+            f"{log.text.strip()[:300] or 'no message'}"
+        )
+    gts = {str(i): tokens[f"ref{i}"] for i in range(len(references))}
+    res = {str(i): tokens[f"hyp{i}"] for i in range(len(predictions))}
+    return gts, res
+
+
+@contextlib.contextmanager
+def _java_errors(what: str) -> Iterator[SimpleNamespace]:
+    """Runs a toolkit step with the process's stderr (file descriptor 2, which Java writes
+    to) sent to a temporary file; yields a namespace whose ``text`` holds it afterwards, for
+    error messages. A missing ``java`` is a ConfigError."""
+    captured = SimpleNamespace(text="")
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield captured
+        except FileNotFoundError as error:
+            raise ConfigError(
+                f"{what} of the COCO caption toolkit runs Java, and no 'java' command was "
+                f"found ({error}); install a Java runtime (8 or later)"
+            ) from error
+        except PermissionError as error:  # it writes temporary files beside its jars
+            raise ConfigError(
+                f"{what} of the COCO caption toolkit could not write its temporary file "
+                f"({error}); make the pycocoevalcap package folder writable"
+            ) from error
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            captured.text = log.read()
+
+
+@cache
+def _meteor() -> Any:
+    """One METEOR process (Java, ~10 s to start) kept for the life of this Python process."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    with _java_errors("METEOR"):
+        return Meteor()
+
+
+def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+    meteor = _meteor()
+    if meteor.meteor_p.poll() is not None:  # it stopped (killed, crashed): start a new one
+        _meteor.cache_clear()
+        meteor = _meteor()
+    try:
+        return meteor.compute_score(gts, res)[0]
+    except (ValueError, BrokenPipeError) as error:  # it answered nothing, or garbage
+        _meteor.cache_clear()
+        if meteor.lock.locked():  # compute_score left it held; Meteor.__del__ takes it again
+            meteor.lock.release()
+        meteor.meteor_p.kill()
+        message = meteor.meteor_p.stderr.read().decode(errors="replace").strip()[-300:]
+        raise ConfigError(f"METEOR (Java) failed: {message or error}") from error
+
+
+def spice_available() -> bool:
+    """Whether SPICE's Stanford CoreNLP jars are in ``pycocoevalcap/spice/lib`` (fetched on
+    first use online; ``python -m pycocoevalcap.spice.get_stanford_models`` fetches them)."""
+    spec = importlib.util.find_spec("pycocoevalcap")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    lib = Path(next(iter(spec.submodule_search_locations))) / "spice" / "lib"
+    return all((lib / jar).is_file() for jar in SPICE_JARS)
+
+
+def _spice_score(
+    gts: dict[str, list[str]], res: dict[str, list[str]], required: bool
+) -> float | None:
+    """SPICE of the corpus; when its Java run fails, None and a one-line notice (an error
+    when it was required): SPICE 1.0 is known to need an old Java on some systems."""
+    from pycocoevalcap.spice.spice import Spice
+
+    failure = None
+    with _java_errors("SPICE") as log:
+        try:
+            return Spice().compute_score(gts, res)[0]
+        except subprocess.CalledProcessError as error:
+            failure = error
+    lines = log.text.strip().splitlines()
+    reason = f"exit {failure.returncode}: {lines[-1] if lines else 'no message'}"
+    if required:
+        raise ConfigError(f"SPICE (Java) failed ({reason})") from failure
+    print(f"macsc: SPICE skipped: it failed ({reason})", file=sys.stderr)
+    return None
+
+
+def _should_run_spice(requested: bool | None) -> bool:
+    global _spice_notice_shown
+    if requested is False:
+        return False
+    if spice_available():
+        return True
+    if requested:
+        raise ConfigError(
+            "SPICE was asked for, but its Stanford CoreNLP models are not installed; run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once online"
+        )
+    if not _spice_notice_shown:
+        _spice_notice_shown = True
+        print(
+            "macsc: SPICE skipped: its Stanford CoreNLP models are not installed (run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once online to add it)",
+            file=sys.stderr,
+        )
+    return False
+
+
+# --- concept coverage ------------------------------------------------------------------------
+
+
+@cache
+def word_lemmas(word: str) -> frozenset[str]:
+    """The lower-cased ``word`` and every lemma ``lemminflect`` gives it under any part of
+    speech; for a word it does not know, its rule-based noun and verb lemmas."""
+    import lemminflect
+
+    word = word.lower()
+    found = lemminflect.getAllLemmas(word) or {
+        **lemminflect.getAllLemmasOOV(word, "NOUN"),
+        **lemminflect.getAllLemmasOOV(word, "VERB"),
+    }
+    return frozenset({word, *(lemma.lower() for lemmas in found.values() for lemma in lemmas)})
+
+
+def concept_coverage(concepts: Sequence[str], tokens: Sequence[str]) -> float:
+    """The share of ``concepts`` that appear, lemmatised, among the lemmas of ``tokens``
+    (a sentence's tokens). A concept of several words needs each of them."""
+    if not concepts:
+        raise ValueError("concept_coverage needs at least one concept")
+    present = frozenset().union(*(word_lemmas(token) for token in tokens))
+    covered = [all(word_lemmas(word) & present for word in concept.split()) for concept in concepts]
+    return sum(covered) / len(concepts)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def read_references(source: str) -> list[ConceptSet]:
+    """Concept sets with their references from a file or ``NAME:SPLIT`` of the hub, grouped."""
+    sets = group_concept_sets(read_examples(source))
+    unlabelled = [s for s in sets if not s.references]
+    if len(unlabelled) == len(sets) and _has_field(source, "prediction"):
+        raise DataError(
+            f"REFERENCES {source} holds predictions ('prediction', no 'references' or "
+            "'target'); the order is: macsc commongen-eval REFERENCES PREDICTIONS"
+        )
+    if unlabelled:
+        raise DataError(
+            f"REFERENCES {source}: {len(unlabelled)} of {len(sets)} concept sets have no "
+            f"reference sentence (first: {unlabelled[0].where}); give 'references' or "
+            "'target' on every line"
+        )
+    by_key: dict[str, ConceptSet] = {}
+    for concept_set in sets:
+        key = concept_set_key(concept_set.concepts)
+        if key in by_key:  # one set under two ids: score it once, with all references
+            first = by_key[key]
+            concept_set = ConceptSet(
+                first.id, first.concepts, first.references + concept_set.references, first.where
+            )
+        by_key[key] = concept_set
+    return list(by_key.values())
+
+
+def read_predictions(path: str) -> dict[str, tuple[str, str]]:
+    """Concept-set key -> (prediction, where) from JSON Lines ``{"concepts", "prediction"}``.
+
+    A set given twice must have the same prediction both times.
+    """
+    predictions: dict[str, tuple[str, str]] = {}
+    for number, line in enumerate(read_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"PREDICTIONS {path} line {number}"
+        record = json_object(line, where)
+        if "prediction" not in record:
+            if any(key in record for key in ("references", "target")):
+                raise DataError(
+                    f"{where} holds references, not a 'prediction'; the order is: "
+                    "macsc commongen-eval REFERENCES PREDICTIONS"
+                )
+            raise DataError(f"{where} has no 'prediction' field (a sentence)")
+        prediction = record["prediction"]
+        if not isinstance(prediction, str):
+            raise DataError(f"{where}: 'prediction' should be a sentence, got {prediction!r:.60}")
+        if not isinstance(record.get("concepts"), list) or not record["concepts"]:
+            raise DataError(
+                f"{where}: 'concepts' should be a non-empty list of words, got "
+                f"{record.get('concepts')!r:.60}"
+            )
+        key = concept_set_key(str(c) for c in record["concepts"])
+        if key in predictions and predictions[key][0] != prediction:
+            raise DataError(
+                f"{where}: concept set {key!r} already has a different prediction at "
+                f"{predictions[key][1]}; give one sentence per concept set"
+            )
+        predictions[key] = (prediction, where)
+    if not predictions:
+        raise DataError(f"PREDICTIONS {path} holds no predictions (it is empty)")
+    return predictions
+
+
+def _has_field(source: str, field: str) -> bool:
+    """Whether the first JSON object of a file has ``field`` (false for anything else)."""
+    try:
+        first = next(line for line in read_utf8_lines(source) if line.strip())
+        return field in json.loads(first)
+    except (DataError, StopIteration, ValueError, TypeError):
+        return False
+
+
+def evaluate_files(references: str, predictions: str) -> dict[str, float]:
+    """The scores of a PREDICTIONS file against a REFERENCES source (see :func:`main`)."""
+    sets = read_references(references)
+    predicted = read_predictions(predictions)
+    keys = {concept_set_key(s.concepts) for s in sets}
+    for key, (_, where) in predicted.items():
+        if key not in keys:
+            raise DataError(
+                f"{where}: concept set {key!r} is not in REFERENCES {references}; predictions "
+                "and references should come from the same split"
+            )
+    missing = [s for s in sets if concept_set_key(s.concepts) not in predicted]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(sets)} concept sets of REFERENCES {references} have "
+            f"no prediction in {predictions} (first: {'#'.join(missing[0].concepts)!r}, "
+            f"{missing[0].where})"
+        )
+    return score_commongen(
+        [list(s.concepts) for s in sets],
+        [predicted[concept_set_key(s.concepts)][0] for s in sets],
+        [list(s.references) for s in sets],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="macsc commongen-eval",
+        description=(
+            "Score CommonGen sentences as the CommonGen leaderboard does (COCO caption toolkit: "
+            "BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE when installed) plus concept coverage; "
+            "prints one JSON object on the last line."
+        ),
+    )
+    parser.add_argument(
+        "references",
+        metavar="REFERENCES",
+        help="JSON Lines {concepts, references | target} (lines of one concept set are "
+        "grouped), release commongen.*.src_alpha.txt with its .tgt.txt, or a hub split "
+        "NAME:SPLIT such as allenai/common_gen:validation",
+    )
+    parser.add_argument(
+        "predictions", metavar="PREDICTIONS", help="JSON Lines {concepts, prediction}"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``macsc commongen-eval REFERENCES PREDICTIONS``: print the scores as one JSON line
+    (last, so the toolkit's own output above it does not get in the way) and return 0."""
+    args = build_parser().parse_args(argv)
+    scores = evaluate_files(args.references, args.predictions)
+    sys.stdout.flush()
+    print(json.dumps(scores))
+    return 0
