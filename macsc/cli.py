@@ -2,7 +2,9 @@
 
 ``macsc fit|validate|test|predict --config FILE`` is a LightningCLI over :class:`macsc.model.MaCSC`
 and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
-ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation.
+ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation;
+``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.report`,
+:mod:`macsc.overlap`, :mod:`macsc.weights`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from pathlib import Path
 USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc prototypes --config FILE     fill the prototype cache ahead of training
        macsc squad-eval DATA_JSON PRED_JSON [--na-prob-file F] [--na-prob-thresh T] [--version 2.0|1.1]
+       macsc report RUN ... [--table N] [--out FILE.md] [--name RUN=ROW]   runs beside the paper's tables
+       macsc overlap RUN ... [--split S] [--csv F] [--png F]   overlap of correct predictions (Figure 4)
+       macsc weights RUN_OR_CKPT [--out DIR]   the modality weights rho and pi_z of a checkpoint
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved."""
+
+#: subcommands that read finished runs, by the module whose ``main(argv)`` runs them
+RESULT_COMMANDS = {"report": "macsc.report", "overlap": "macsc.overlap", "weights": "macsc.weights"}
 
 
 def _cli_class():
@@ -113,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             from .squad_eval import main as squad_eval
 
             return int(squad_eval(argv[1:]) or 0)
+        if argv[0] in RESULT_COMMANDS:
+            from importlib import import_module
+
+            return int(import_module(RESULT_COMMANDS[argv[0]]).main(argv[1:]) or 0)
         if argv[0] == "prototypes":
             fill_prototype_cache(argv[1:])
             return 0
