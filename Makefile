@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench table clean
 
 # Reinstalled only when the requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -34,6 +34,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py
+
+# A whole table of the paper: `make table T=1` (T=1,4 or T=all); ARGS=--dry-run prints the
+# commands, ARGS=--slurm writes an sbatch array script instead (scripts/table_rows.yaml lists the rows).
+table: $(STAMP)
+	@test -n "$(T)" || { echo "make table: name the table, e.g. make table T=1 (or T=1,4 or T=all)"; exit 2; }
+	$(PYTHON) scripts/run_table.py --table $(T) $(ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

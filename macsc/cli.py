@@ -4,6 +4,8 @@
 and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
 ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation;
 ``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does.
+``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.report`,
+:mod:`macsc.overlap`, :mod:`macsc.weights`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc squad-eval DATA_JSON PRED_JSON [-n NA_PROB_JSON] [-t T] [-o FILE] [-p DIR] [-v]
                         [--missing-as-wrong] [--version 2.0|1.1]   the official SQuAD scores
        macsc commongen-eval REFERENCES PREDICTIONS   BLEU-4, METEOR, ROUGE-L, CIDEr, coverage (JSON)
+       macsc report RUN ... [--table N] [--out FILE.md] [--name RUN=ROW]   runs beside the paper's tables
+       macsc overlap RUN ... [--split S] [--csv F] [--png F]   overlap of correct predictions (Figure 4)
+       macsc weights RUN_OR_CKPT [--out DIR]   the modality weights rho and pi_z of a checkpoint
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved."""
+
+#: subcommands that read finished runs, by the module whose ``main(argv)`` runs them
+RESULT_COMMANDS = {"report": "macsc.report", "overlap": "macsc.overlap", "weights": "macsc.weights"}
 
 
 def _cli_class():
@@ -121,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from .commongen_eval import main as commongen_eval
 
             return int(commongen_eval(argv[1:]) or 0)
+        if argv[0] in RESULT_COMMANDS:
+            from importlib import import_module
+
+            return int(import_module(RESULT_COMMANDS[argv[0]]).main(argv[1:]) or 0)
         if argv[0] == "prototypes":
             fill_prototype_cache(argv[1:])
             return 0

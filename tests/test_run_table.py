@@ -1,0 +1,167 @@
+"""scripts/run_table.py: the commands a table runs, the SLURM array script, the rows as data."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from macsc.report import paper_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_table.py"
+
+
+def run_table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def commands(out: str) -> list[list[str]]:
+    return [shlex.split(line)[1:] for line in out.splitlines() if line.startswith("macsc ")]
+
+
+def test_dry_run_prints_fit_then_validate_for_every_run_of_table_1():
+    result = run_table("--table", "1", "--dry-run", "--", "--trainer.devices", "4")
+    assert result.returncode == 0, result.stderr
+    runs = commands(result.stdout)
+    assert len(runs) == 2 * 8 * 6  # fit and validate; 8 rows of ours x 6 GLUE tasks
+    where = [
+        "--trainer.default_root_dir",
+        "runs/tables/sst2/bert-base_none_T",
+        "--trainer.logger.init_args.save_dir",
+        "runs/tables",
+        "--trainer.logger.init_args.name",
+        "sst2/bert-base_none_T",
+        "--trainer.logger.init_args.version",
+        "0",
+    ]
+    configs = [
+        "--config",
+        "lightning_configs/glue_sst2.yaml",
+        "--config",
+        "lightning_configs/ablations/text_only.yaml",
+    ]
+    assert runs[0] == ["fit", *configs, *where, "--trainer.devices", "4"]
+    assert runs[1] == [
+        "validate",
+        *configs,
+        *where,
+        "--trainer.devices",
+        "4",
+        "--ckpt_path",
+        "<best checkpoint in runs/tables/sst2/bert-base_none_T/version_0/checkpoints>",
+    ]
+    roberta = next(r for r in runs if "roberta-base_ours_T+I" in " ".join(r) and r[0] == "fit")
+    assert roberta[1:7] == [
+        "--config",
+        "lightning_configs/glue_sst2.yaml",
+        "--config",
+        "lightning_configs/ablations/roberta_base.yaml",
+        "--config",
+        "lightning_configs/ablations/image_only.yaml",
+    ]
+    assert (
+        "# skipped Table 1 bert-base/voken/T+I (6 runs: sst2, qnli, qqp, mnli, mrpc, stsb): "
+        "VOKEN: reported by the paper from other papers, not a MaCSC run"
+    ) in result.stdout
+    assert result.stdout.startswith("# Table 1: GLUE (dev). Estimate: ")
+    assert result.stdout.rstrip().endswith("# 48 runs to do, 36 skipped")
+
+
+def test_a_row_two_tables_share_runs_once():
+    out = run_table("--table", "1,4", "--dry-run").stdout
+    assert out.count("# Table 1, 4 bert-base/ours/T+I+A+V / mnli\n") == 1
+    fits = [r for r in commands(out) if r[0] == "fit"]
+    names = [r[r.index("--trainer.logger.init_args.name") + 1] for r in fits]
+    assert len(names) == len(set(names)) == 48 + 4 * 6  # Table 4 adds its four ablation rows
+
+
+def test_rows_whose_configs_do_not_exist_yet_say_so(tmp_path):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(
+        yaml.safe_dump(
+            {
+                "columns": {"sst2": {"base": "glue_sst2.yaml"}, "gen": {"base": "not_yet.yaml"}},
+                "tables": {
+                    1: {
+                        "title": "t",
+                        "estimate": "e",
+                        "time_limit": "01:00:00",
+                        "columns": ["sst2", "gen"],
+                        "rows": [
+                            {"row": "a/ours/T", "overlays": ["tables/not_there.yaml"]},
+                            {"row": "b/ours/T", "overlays": []},
+                        ],
+                    }
+                },
+            }
+        )
+    )
+    result = run_table("--rows", rows, "--table", "1", "--runs-dir", tmp_path / "runs", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "# skipped Table 1 a/ours/T (1 run: sst2): overlay "
+        "lightning_configs/tables/not_there.yaml is not available yet"
+    ) in result.stdout
+    assert (
+        "# skipped Table 1 b/ours/T (1 run: gen): base config lightning_configs/not_yet.yaml "
+        "is not available yet"
+    ) in result.stdout
+    assert [r[:3] for r in commands(result.stdout)] == [
+        ["fit", "--config", "lightning_configs/glue_sst2.yaml"],
+        ["validate", "--config", "lightning_configs/glue_sst2.yaml"],
+    ]
+    # a finished run (validate.done) is not run again
+    done = tmp_path / "runs" / "sst2" / "b_ours_T" / "validate.done"
+    done.parent.mkdir(parents=True)
+    done.touch()
+    again = run_table("--rows", rows, "--table", "1", "--runs-dir", tmp_path / "runs")
+    assert again.returncode == 0, again.stderr
+    assert "done already b/ours/T / sst2" in again.stdout and "$ macsc" not in again.stdout
+
+
+def test_slurm_writes_an_array_job_one_task_per_run(tmp_path):
+    path = tmp_path / "table2.sbatch"
+    result = run_table("--table", "2", "--slurm", path, "--max-parallel", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"submit it from {ROOT} with:  sbatch {path}" in result.stdout
+    text = path.read_text()
+    for line in (
+        "#SBATCH --array=0-47%4",  # 12 rows of ours x 4 columns (the +Image rows wait for features)
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --time=02:00:00",
+    ):
+        assert line + "\n" in text
+    assert text.count("    FIT=(fit ") == text.count("    VALIDATE=(validate ") == 48
+    assert "  47)  # Table 2: xlnet-large/ours/T+I+A+V / squad_v2\n" in text
+    assert 'srun "$MACSC" "${VALIDATE[@]}" --ckpt_path "$BEST"' in text
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_best_checkpoint_is_the_one_model_checkpoint_kept(tmp_path):
+    folder = tmp_path / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"")
+    assert run_table("--best-checkpoint", folder.parent).stdout.strip() == str(folder / "last.ckpt")
+    (folder / "epoch=1-step=8.ckpt").write_bytes(b"")
+    assert run_table("--best-checkpoint", folder.parent).stdout.strip() == str(
+        folder / "epoch=1-step=8.ckpt"
+    )
+
+
+def test_every_launched_row_is_a_row_of_its_paper_table():
+    spec = yaml.safe_load((ROOT / "scripts" / "table_rows.yaml").read_text())
+    tables = {t["table"]: t for t in paper_results()["tables"]}
+    for number, table in spec["tables"].items():
+        ids = {name for r in tables[number]["rows"] for name in [r["id"], *r.get("aliases", [])]}
+        for row in table["rows"]:
+            assert row["row"] in ids, (number, row["row"])
+        assert all(column in spec["columns"] for column in table["columns"])
+        # every runnable row of the paper's table is launched (or says why not)
+        assert {r["id"] for r in tables[number]["rows"]} <= {r["row"] for r in table["rows"]}
