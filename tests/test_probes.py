@@ -592,3 +592,29 @@ def test_probe_command_errors_are_one_line(
             args,
             err,
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_three_models_score_alike_on_cuda_and_cpu(
+    tiny_mlm, macsc_checkpoints, tiny_clip, shape_folder, memory_color_csv
+):
+    shapes, colours = load_object_shape(shape_folder), load_memory_color(memory_color_csv)
+    for device in ("cpu", "cuda"):
+        scores = {
+            "mlm": masked_lm_word_scores(shapes, *masked_lm_scorer(str(tiny_mlm), device)),
+            "macsc": masked_lm_word_scores(
+                shapes, *macsc_scorer(macsc_checkpoints["image"], device)[:2]
+            ),
+        }
+        name, path = tiny_clip
+        tower = {
+            "kind": "open_clip",
+            "model_name": name,
+            "pretrained": None,
+            "checkpoint": str(path),
+        }
+        scores["clip"] = clip_word_scores(colours, clip_scorer(tower, device))
+        if device == "cpu":
+            reference = scores
+    for key, value in scores.items():
+        torch.testing.assert_close(value, reference[key], atol=1e-4, rtol=1e-4, msg=key)
