@@ -3,9 +3,10 @@
 ``macsc fit|validate|test|predict --config FILE`` is a LightningCLI over :class:`macsc.model.MaCSC`
 and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
 ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation;
-``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does.
+``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does;
 ``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.report`,
-:mod:`macsc.overlap`, :mod:`macsc.weights`).
+:mod:`macsc.overlap`, :mod:`macsc.weights`);
+``macsc probe ...`` runs the zero-shot visual-reasoning probes of paper Table 7.
 """
 
 from __future__ import annotations
@@ -22,12 +23,22 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc report RUN ... [--table N] [--out FILE.md] [--name RUN=ROW]   runs beside the paper's tables
        macsc overlap RUN ... [--split S] [--csv F] [--png F]   overlap of correct predictions (Figure 4)
        macsc weights RUN_OR_CKPT [--out DIR]   the modality weights rho and pi_z of a checkpoint
+       macsc probe (--model NAME | --ckpt RUN.ckpt | --clip '{kind: open_clip, ...}')
+                   [--memory-color F] [--color-terms F] [--object-shape F|DIR] [--json OUT]
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
-config resolved."""
+config resolved, `macsc probe --help` for the probes' options."""
 
-#: subcommands that read finished runs, by the module whose ``main(argv)`` runs them
-RESULT_COMMANDS = {"report": "macsc.report", "overlap": "macsc.overlap", "weights": "macsc.weights"}
+#: the subcommands that are not LightningCLI's, by the module whose ``main(argv)`` runs them
+#: (imported only when used, so ``macsc --help`` stays fast)
+COMMANDS = {
+    "squad-eval": "macsc.squad_eval",
+    "commongen-eval": "macsc.commongen_eval",
+    "probe": "macsc.probe_command",
+    "report": "macsc.report",
+    "overlap": "macsc.overlap",
+    "weights": "macsc.weights",
+}
 
 
 def _cli_class():
@@ -121,18 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MacscError
 
     try:
-        if argv[0] == "squad-eval":
-            from .squad_eval import main as squad_eval
-
-            return int(squad_eval(argv[1:]) or 0)
-        if argv[0] == "commongen-eval":
-            from .commongen_eval import main as commongen_eval
-
-            return int(commongen_eval(argv[1:]) or 0)
-        if argv[0] in RESULT_COMMANDS:
+        if argv[0] in COMMANDS:
             from importlib import import_module
 
-            return int(import_module(RESULT_COMMANDS[argv[0]]).main(argv[1:]) or 0)
+            return int(import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
         if argv[0] == "prototypes":
             fill_prototype_cache(argv[1:])
             return 0

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-
 @dataclass
 class TaskSpec:
     """kind: the task kind, which selects the model's head (:mod:`macsc.heads`):

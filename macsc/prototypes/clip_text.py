@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .selection import build_windows
 from .windowed import TokenPrototypeExtractor
 
 
@@ -240,3 +241,29 @@ class ClipTextExtractor(TokenPrototypeExtractor):
 
     def _project(self, hidden: Tensor) -> Tensor:
         return self.tower.project(hidden)
+
+    def embed(self, texts: list[str]) -> Tensor:
+        """The pooled, projected text embedding of each text, ``(len(texts), dim)``: the EOT
+        row's final-norm state through the text projection, what CLIP's ``encode_text`` returns
+        (not normalised). A text longer than the context keeps its first window, as CLIP's
+        tokenizer truncates; used by the visual-reasoning probes (SPEC 11, the CLIP row)."""
+        windows = build_windows(
+            self._token_ids(list(texts)),
+            prefix=self.prefix,
+            suffix=self.suffix,
+            context_length=self.context_length,
+            pad_id=self.pad_id,
+            max_windows=1,
+            pad_to_context=self.pad_to_context,
+        )
+        device = self.device
+        parts = []
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            for start in range(0, len(windows.tokens), self.batch_size):
+                tokens = windows.tokens[start : start + self.batch_size].to(device)
+                eos = windows.eos[start : start + self.batch_size].to(device)
+                hidden = self.tower.hidden_states(tokens)
+                parts.append(self.tower.project(_rows(hidden, eos)))
+        if not parts:
+            return torch.empty(0, self.dim, device=device)
+        return torch.cat(parts)
