@@ -377,33 +377,19 @@ def macsc_text_states(model: Any, tokenizer: Any) -> TextStates:
     """The one adaptor between the probes and a MaCSC model: ``texts -> (mean_m Ĥ^t_m, input
     ids, attention mask)``, the text representation of SPEC 2 at every token.
 
-    Uses of the model only: ``backbone`` (a Hugging Face encoder: ``last_hidden_state``),
-    ``modalities`` (``text`` first), ``extractors[m].extract(texts)`` (the probe sentence's own
-    prototypes, from the sentence without its special tokens) and ``enhancers[m](text,
-    text_mask, prototypes, prototype_mask)`` returning ``(Ĥ^t_m, Ĥ^m)`` with every text row
-    (``text_rows`` left None). With ``modalities: [text]`` the representation is ``H^t``.
+    Runs the model's network (:class:`macsc.network.MaCSCNetwork`) on the tokenised probe
+    sentences with every text row enhanced; each modality's prototypes are extracted from the
+    sentence without its special tokens (the batch's ``segments``). With ``modalities: [text]``
+    the representation is ``H^t``.
     """
-    device = next(model.backbone.parameters()).device
+    device = next(model.network.backbone.parameters()).device
 
     def text_states(texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        inputs = {
-            k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded
-        }
-        text = model.backbone(**inputs).last_hidden_state
-        plain = [without_special_tokens(t, tokenizer) for t in texts]
-        enhanced = []
-        for name in model.modalities[1:]:
-            prototypes = model.extractors[name].extract(plain)
-            text_m, _ = model.enhancers[name](
-                text,
-                encoded["attention_mask"],
-                prototypes.features.to(device),
-                prototypes.mask.to(device),
-            )
-            enhanced.append(text_m)
-        states = torch.stack(enhanced).mean(0) if enhanced else text
-        return states, encoded["input_ids"], encoded["attention_mask"]
+        batch = dict(encoded)
+        batch["segments"] = [[without_special_tokens(t, tokenizer) for t in texts]]
+        representations = model.network(batch, rows=None)
+        return representations.text_branch, encoded["input_ids"], encoded["attention_mask"]
 
     return text_states
 
@@ -439,7 +425,7 @@ def macsc_scorer(
         extractor.to(device)
     head_name = head_from or model.backbone_name
     head = mlm_head(load_masked_lm(head_name), head_name).to(device)
-    width = model.backbone.config.hidden_size
+    width = model.network.hidden_size
     head_width = next(p for p in head.parameters() if p.dim() == 2).shape[1]
     if head_width != width:
         raise ConfigError(
