@@ -19,6 +19,7 @@ from .fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positi
 from .heads import EvaluationContext, build_task_head
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor, Prototypes, build_extractor
+from .run_state import RunState
 from .task import TaskSpec
 
 #: SPEC section 1: the paper's extractor for each non-text modality
@@ -193,7 +194,6 @@ class MaCSC(L.LightningModule):
         self._nonfinite_step: Tensor | None = None
         self._nonfinite_terms: Tensor | None = None
         self._clean_batches = 0  # finite batches since the last optimizer step (nonfinite: skip)
-        self._rng_on_resume: dict[str, Any] | None = None
         self._checkpoint_hparams: dict[str, Any] = {}
         self._updated: set[str] = set()
         self.metrics = nn.ModuleDict(
@@ -311,7 +311,7 @@ class MaCSC(L.LightningModule):
         local slice's gradient is scaled by ``W`` (its value is unchanged): the averaged gradient
         is then exactly that of the single-process loss on the concatenated batch. The ranks'
         batches have one size because the training samplers pad every rank to the same number
-        of examples (:class:`tasks.base.ResumableSampler`), so the all-gather cannot stall.
+        of examples (:class:`tasks.sampling.ResumableSampler`), so the all-gather cannot stall.
         """
         world = self.trainer.world_size
         if world < 2:
@@ -616,28 +616,17 @@ class MaCSC(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._raise_if_nonfinite()  # never write weights that a NaN step has already corrupted
-        # dropout's random stream, for an exact resume (ranks are seeded alike, so rank 0's
-        # state stands for all of them)
-        checkpoint["macsc_rng"] = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # only when resuming a run: load_from_checkpoint has already mixed its keyword
         # overrides into these hyperparameters, and starts no training
         if self._trainer is not None:
             self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
-            self._rng_on_resume = checkpoint.get("macsc_rng")
 
-    def on_train_start(self) -> None:
-        # restored here rather than on load: nothing between this and the first step draws
-        # random numbers (validation runs in eval mode, the loaders have their own generators)
-        state, self._rng_on_resume = self._rng_on_resume, None
-        if state:
-            torch.set_rng_state(state["cpu"])
-            if state.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda"], self.device)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The run state of an exact resume (random streams, loader position, SLURM requeue,
+        atomic checkpoint files): part of every MaCSC run, with nothing to configure."""
+        return [RunState()]
 
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
