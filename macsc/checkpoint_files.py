@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -48,25 +48,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.path.abspath(os.fspath(path))
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX)
+        partial = os.path.join(folder, f"{PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        # created as open() would create the target (mode 0666 less the umask)
+        handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(handle, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
-            os.chmod(partial, 0o666 & ~_umask())  # mkstemp makes it private (0600)
             os.replace(partial, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(partial)
             raise
         _sync_folder(folder)  # the rename itself survives a power cut
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sync_folder(folder: str) -> None:

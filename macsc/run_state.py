@@ -136,7 +136,7 @@ def _start_next_epoch(trainer: L.Trainer) -> None:
 def _raised_by_torch_distributed(exception: BaseException) -> bool:
     """Whether the exception comes from a ``torch.distributed`` collective (gloo and NCCL
     raise plain RuntimeErrors): the innermost Python frame is in ``torch/distributed``."""
-    if isinstance(exception, torch.distributed.DistError):
+    if isinstance(exception, getattr(torch.distributed, "DistError", ())):
         return True
     traceback, innermost = exception.__traceback__, None
     while traceback is not None:
@@ -317,9 +317,6 @@ class _DeferredRequeue:
         if not signalled:
             return
         self._done = True
-        rank_zero_info(
-            f"SLURM requeue signal {signal.Signals(self._signal).name}: saving the hpc checkpoint "
-            f"at the end of step "
-            f"{trainer.global_step}"
-        )
+        name = signal.Signals(self._signal).name
+        rank_zero_info(f"SLURM requeue signal {name}: hpc checkpoint of step {trainer.global_step}")
         self._lightning_handler(self._signal, None)

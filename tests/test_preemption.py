@@ -4,6 +4,7 @@ run wrote (``--trainer.deterministic true``, a checkpoint after every step)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,17 +14,20 @@ import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from test_resume_cli import (
     STEPS,
     assert_same_state,
+    batch_log,
     checkpoint,
+    finish,
     fit_command,
     read_log,
-    run_env,
+    start,
 )
 
-from macsc.checkpoint_files import PARTIAL_PREFIX
+from macsc.checkpoint_files import PARTIAL_PREFIX, AtomicCheckpointIO
 from macsc.model import MaCSC
 
 SLURM = {
@@ -44,20 +48,6 @@ def wait_for(condition, process: subprocess.Popen, timeout: float, what: str) ->
         assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def start(command: list[str], cwd: Path, log: str, **env: str) -> subprocess.Popen:
-    out = open(cwd / log, "w")
-    return subprocess.Popen(
-        command, stdout=out, stderr=subprocess.STDOUT, env=run_env(**env), cwd=cwd
-    )
-
-
-def finish(process: subprocess.Popen, cwd: Path, log: str, timeout: float = 600) -> str:
-    code = process.wait(timeout=timeout)
-    text = (cwd / log).read_text()
-    assert code == 0, f"{log}: exit {code}\n{text[-3000:]}"
-    return text
 
 
 def test_requeue_signal_saves_a_clean_checkpoint_that_resumes_exactly(tiny_backbone, tmp_path):
@@ -161,18 +151,11 @@ DDP = [
 ]
 
 
-def rank_log(root: Path, rank: int) -> tuple[int | None, list[int]]:
-    """(pid, steps done) of a DDP rank, from its :class:`BatchLog` file."""
-    path = root / ("batches.jsonl" + (f".rank{rank}" if rank else ""))
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    pid = next((r["pid"] for r in records if "pid" in r), None)
-    return pid, [r["step"] for r in records if "examples" in r]
-
-
 def wait_for_rank(root: Path, rank: int, step: int, run: subprocess.Popen) -> int:
     """Wait until DDP rank ``rank`` has finished step ``step``; return its pid."""
-    wait_for(lambda: step in rank_log(root, rank)[1], run, 600, f"rank {rank} at step {step}")
-    return rank_log(root, rank)[0]
+    path = batch_log(root / "batches.jsonl", rank)
+    wait_for(lambda: step in read_log(path)[0], run, 600, f"rank {rank} at step {step}")
+    return next(json.loads(line)["pid"] for line in path.read_text().splitlines())
 
 
 def test_a_dead_rank_stops_the_run_with_a_clear_error_and_last_resumes_it(tiny_backbone, tmp_path):
@@ -206,13 +189,28 @@ def test_a_dead_rank_stops_the_run_with_a_clear_error_and_last_resumes_it(tiny_b
         "second.log",
     )
     for rank in (0, 1):
-        want, got = read_log_rank(first, rank), read_log_rank(second, rank)
+        want, _ = read_log(batch_log(first / "batches.jsonl", rank))
+        got, _ = read_log(batch_log(second / "batches.jsonl", rank))
         assert min(got) == saved_at + 1
         assert all(got[s] == want[s] for s in want if s > saved_at), rank
     for step in (s for s in written if s > saved_at):
         assert_same_state(second / f"steps/step={step}.ckpt", first / f"steps/step={step}.ckpt")
 
 
-def read_log_rank(root: Path, rank: int) -> dict[int, list[int]]:
-    batches, _ = read_log(root / ("batches.jsonl" + (f".rank{rank}" if rank else "")))
-    return batches
+def test_a_write_that_fails_leaves_the_previous_checkpoint_and_no_partial_file(
+    tmp_path, monkeypatch
+):
+    """A full disk: the error reaches the caller, the previous file is untouched."""
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "weights": torch.arange(1000.0)}, target)
+    before = target.read_bytes()
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        io.save_checkpoint({"global_step": 2, "weights": torch.zeros(1000)}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from test_cli import demo_args
 
 from macsc.cli import main
@@ -52,14 +53,13 @@ RUN_OPTIONS = [
 
 class BatchLog(L.Callback):
     """Used in the runs below: appends each training step's example ids, and each validation's
-    ``val/loss``, to ``path`` (JSON lines; ``path.rank<r>`` on DDP rank r > 0)."""
+    ``val/loss``, to ``path`` (JSON lines; :func:`batch_log` names each DDP rank's file)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def _write(self, trainer, record: dict) -> None:
-        path = self.path + (f".rank{trainer.global_rank}" if trainer.global_rank else "")
-        with open(path, "a") as file:
+        with open(batch_log(Path(self.path), trainer.global_rank), "a") as file:
             file.write(json.dumps(record) + "\n")
 
     def on_train_start(self, trainer, pl_module):
@@ -73,6 +73,11 @@ class BatchLog(L.Callback):
         if not trainer.sanity_checking:
             loss = float(trainer.callback_metrics["val/loss"])
             self._write(trainer, {"step": trainer.global_step, "val_loss": loss})
+
+
+def batch_log(path: Path, rank: int = 0) -> Path:
+    """The :class:`BatchLog` file of DDP rank ``rank``: ``path``, ``path.rank1``, ..."""
+    return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
 
 
 def standard_callbacks(root: Path) -> str:
@@ -112,17 +117,25 @@ def run_env(**extra: str) -> dict[str, str]:
     }
 
 
-def run_all(commands: dict[str, list[str]], cwd: Path, timeout: float = 600) -> None:
-    """Run the commands side by side (each single-threaded); fail with a command's stderr."""
-    processes = {}
-    for name, command in commands.items():
-        log = open(cwd / f"{name}.log", "w")
-        processes[name] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=run_env(), cwd=cwd
+def start(command: list[str], cwd: Path, log: str, **env: str) -> subprocess.Popen:
+    """Start ``command`` (single-threaded), its output going to ``cwd/log``."""
+    with open(cwd / log, "w") as out:
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=run_env(**env), cwd=cwd
         )
+
+
+def finish(process: subprocess.Popen, cwd: Path, log: str, timeout: float = 600) -> None:
+    """Wait for a command of :func:`start`; fail with the end of its output unless it ran."""
+    code = process.wait(timeout=timeout)
+    assert code == 0, f"{log}: exit {code}\n" + (cwd / log).read_text()[-3000:]
+
+
+def run_all(commands: dict[str, list[str]], cwd: Path) -> None:
+    """Run the commands side by side."""
+    processes = {name: start(command, cwd, f"{name}.log") for name, command in commands.items()}
     for name, process in processes.items():
-        code = process.wait(timeout=timeout)
-        assert code == 0, f"{name}: exit {code}\n" + (cwd / f"{name}.log").read_text()[-3000:]
+        finish(process, cwd, f"{name}.log")
 
 
 def checkpoint(path: Path) -> dict:
@@ -163,8 +176,8 @@ def _get(tree: dict, keys: tuple[str, ...]):
 def read_log(path: Path) -> tuple[dict[int, list[int]], dict[int, float]]:
     """(step -> example ids, step -> val/loss) from a :class:`BatchLog` file."""
     batches, validations = {}, {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    lines = path.read_text().splitlines() if path.exists() else []
+    for record in map(json.loads, lines):
         if "examples" in record:
             batches[record["step"]] = record["examples"]
         elif "val_loss" in record:
@@ -244,3 +257,15 @@ def test_ckpt_path_last_finds_nothing_is_an_error(tiny_backbone, tmp_path, capsy
     args = demo_args(tiny_backbone, tmp_path, "--ckpt_path", "last")
     assert main(["fit", *args]) == 2
     assert "macsc: error: --ckpt_path last: no last.ckpt in" in capsys.readouterr().err
+
+
+def test_every_shipped_config_writes_best_and_last():
+    configs = list((TESTS.parent / "lightning_configs").glob("*.yaml"))
+    assert len(configs) >= 9
+    for config in configs:
+        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+        classes = [callback["class_path"] for callback in callbacks]
+        assert classes.count("macsc.checkpoint_files.LastCheckpoint") == 1, config.name
+        (best,) = [c for c in callbacks if c["class_path"].endswith(".ModelCheckpoint")]
+        assert best["init_args"]["filename"] == "best", config.name
+        assert "save_last" not in best["init_args"], config.name
