@@ -144,6 +144,26 @@ def test_resumed_run_equals_the_uninterrupted_one(
         assert torch.equal(got[key], want[key]), key  # bit for bit
 
 
+class SaveInsideStep(L.Callback):
+    """Saves a checkpoint between the backward and the optimizer step of step ``step + 1`` (as
+    a signal handler can) and stops."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resuming_a_checkpoint_written_inside_a_step_warns(tiny_backbone, tmp_path):
+    checkpoint = tmp_path / "inside.ckpt"
+    fit(tiny_backbone, SaveInsideStep(2, checkpoint))
+    with pytest.warns(UserWarning, match=r"is not exact: it was written inside training step 3"):
+        fit(tiny_backbone, ckpt_path=checkpoint)
+
+
 def test_loader_state_resumes_the_length_grouped_order_mid_epoch():
     texts = [" ".join(["word"] * (1 + i % 9)) for i in range(30)]
     split = TextSplit("train", "memory", [texts], [i % 2 for i in range(30)])
