@@ -93,7 +93,57 @@ def _cli_class():
             config["weights_only"] = True
             super()._parse_ckpt_path()
 
+        def _resolve_last(self) -> None:
+            """``--ckpt_path last``: the newest ``last*.ckpt`` of this experiment, in any of
+            its run folders (``<save_dir>/<name>/version_*/checkpoints``) or a configured
+            ``dirpath``. Lightning looks only in the new run's own folder, which is empty, and
+            then goes on without a checkpoint: training from scratch, or testing an untrained
+            model. Nothing found is an error here."""
+            from .checkpointing import check_checkpoint_is_safe
+            from .errors import CheckpointError
+
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path") != "last":
+                return
+            folders = last_checkpoint_folders(self.trainer)
+            found = [
+                path
+                for folder in folders
+                for path in folder.glob("last*.ckpt")
+                if path.is_file() and not path.name.startswith(".")
+            ]
+            if not found:
+                where = ", ".join(str(f) for f in folders) or "no checkpoint folder"
+                raise CheckpointError(
+                    f"--ckpt_path last: no last.ckpt in {where}; give the checkpoint's path"
+                )
+            config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
+            if config.get("weights_only") is not False:
+                check_checkpoint_is_safe(
+                    config["ckpt_path"], how_to_trust="pass --weights_only false"
+                )
+
+        before_fit = before_validate = before_test = before_predict = _resolve_last
+
     return MacscCLI
+
+
+def last_checkpoint_folders(trainer) -> list[Path]:
+    """Where ``last.ckpt`` files of this experiment can be: every run folder of the logger's
+    experiment (``version_*/checkpoints``), each configured ``dirpath``, and the folder Lightning
+    uses without a logger."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = [
+        Path(callback.dirpath)
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+    ]
+    root = getattr(trainer.logger, "root_dir", None)
+    if root:
+        folders += sorted(Path(root).glob("version_*/checkpoints"))
+    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    return [folder for folder in dict.fromkeys(folders) if folder.is_dir()]
 
 
 def run_lightning(args: list[str] | None, run: bool = True):
@@ -145,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     except MacscError as error:
         print(f"macsc: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        from .run_state import lost_rank_message
+
+        message = lost_rank_message(error)
+        if message is None:
+            raise
+        print(f"macsc: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .objective import DeviceGroup, MaCSCObjective
 from .optim import build_optimizer, linear_schedule
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor
+from .run_state import RunState
 from .task import TaskSpec
 
 __all__ = ["DEFAULT_PROTOTYPES", "MaCSC", "ModelOutput", "check_checkpoint_is_safe"]
@@ -154,7 +155,6 @@ class MaCSC(L.LightningModule):
             reduction=reduction,
             gather_across_devices=gather_across_devices,
         )
-        self._rng_on_resume: dict[str, Any] | None = None
         self._checkpoint_hparams: dict[str, Any] = {}
         self._updated: set[str] = set()
         self.metrics = torch.nn.ModuleDict(
@@ -184,8 +184,10 @@ class MaCSC(L.LightningModule):
             self.objective.set_class_prior(self.head, datamodule.train_label_classes())
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The guards every run needs, so a user never has to configure them."""
-        return [NonFiniteCheck(), ModalityWeightHeatmaps()]
+        """What every run needs, so a user never has to configure it: the non-finite check,
+        the modality-weight heatmaps, and the run state of an exact resume (random streams,
+        loader position, SLURM requeue, atomic checkpoint files)."""
+        return [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState()]
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: dict) -> ModelOutput:
@@ -411,29 +413,11 @@ class MaCSC(L.LightningModule):
             raise error
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # dropout's random stream, for an exact resume (ranks are seeded alike, so rank 0's
-        # state stands for all of them)
-        checkpoint["macsc_rng"] = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # only when resuming a run: load_from_checkpoint has already mixed its keyword
         # overrides into these hyperparameters, and starts no training
         if self._trainer is not None:
             self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
-            self._rng_on_resume = checkpoint.get("macsc_rng")
-
-    def on_train_start(self) -> None:
-        # restored here rather than on load: nothing between this and the first step draws
-        # random numbers (validation runs in eval mode, the loaders have their own generators)
-        state, self._rng_on_resume = self._rng_on_resume, None
-        if state:
-            torch.set_rng_state(state["cpu"])
-            if state.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda"], self.device)
 
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:

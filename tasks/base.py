@@ -30,14 +30,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from macsc.allocation import nearest_bin
 from macsc.errors import ConfigError, DataError
 from macsc.prototypes import PrototypeExtractor, PrototypeTable, prototype_table
 from macsc.task import TaskSpec
+
+from .sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
 
 ROLES = ("train", "validation", "test")
 # Tokens the collator pads; every other item field is a scalar stacked into a (B,) tensor.
@@ -164,113 +165,6 @@ class Collator:
         }
         batch["segments"] = [[texts[i] for i in indices.tolist()] for texts in self.segments]
         return batch
-
-
-class ResumableSampler(DistributedSampler):
-    """The training order: a permutation seeded by ``(seed, epoch)``, this rank's share of it,
-    and the option to start an epoch part-way (a mid-epoch resume).
-
-    Being a ``DistributedSampler``, Lightning uses it as is (no re-wrapping, no reshuffling) and
-    calls ``set_epoch`` on it. Under DDP each rank gets ``ceil(N / world_size)`` examples (a few
-    repeated to even out), so every rank's k-th batch has the same size, which the all-gather of
-    ``gather_across_devices`` needs.
-    """
-
-    def __init__(self, dataset: Any, seed: int) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        super().__init__(
-            dataset,
-            num_replicas=dist.get_world_size() if distributed else 1,
-            rank=dist.get_rank() if distributed else 0,
-            shuffle=True,
-            seed=seed,
-        )
-        self._skip = 0
-
-    def skip_next(self, count: int) -> None:
-        """Leave out the first ``count`` indices of the next epoch this sampler starts."""
-        self._skip = count
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        return itertools.islice(self.indices(), skip, None)
-
-    def indices(self):
-        """This rank's indices for the current epoch, in order."""
-        return super().__iter__()
-
-
-class LengthGroupedSampler(ResumableSampler):
-    """Shuffled order in which neighbouring examples have similar lengths (less padding).
-
-    Each epoch: a seeded permutation, cut into mega-batches of 50 batches, each sorted by length,
-    cut into batches whose order is shuffled again. Under DDP each rank takes every
-    ``world_size``-th index of that order, so its batches stay length-homogeneous.
-    """
-
-    MEGA_BATCHES = 50
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
-        super().__init__(lengths, seed)
-        self.lengths = lengths
-        self.batch_size = batch_size
-
-    def indices(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        step = self.batch_size * self.num_replicas  # one batch on every rank
-        span = step * self.MEGA_BATCHES
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start : start + span], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[i : i + step] for i in range(0, len(chunk), step)]
-        grouped = [i for b in torch.randperm(len(batches), generator=generator) for i in batches[b]]
-        grouped += grouped[: self.total_size - len(grouped)]
-        return iter(grouped[self.rank : self.total_size : self.num_replicas])
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can resume mid-epoch, so a resumed run sees the batches the
-    uninterrupted run would have seen.
-
-    Lightning saves :meth:`state_dict` (the epoch and the batches handed out in it) in every
-    checkpoint and calls :meth:`load_state_dict` before the first ``iter()`` of a resumed fit;
-    the next epoch started in the saved epoch then skips those batches, in the sampler (no
-    skipped batch is loaded). Needs a :class:`ResumableSampler` to resume; with any other
-    sampler it is a plain DataLoader.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._epoch = 0
-        self._yielded = 0
-        self._resume: dict[str, int] | None = None
-
-    def __iter__(self):
-        # a generator: nothing is read before the first batch is asked for, by which time
-        # Lightning has called set_epoch on the sampler
-        epoch = getattr(self.sampler, "epoch", 0)
-        resume, self._resume = self._resume, None
-        skip = resume["batches"] if resume and resume["epoch"] == epoch else 0
-        if skip >= len(self):  # saved at the end of that epoch: nothing is left of it
-            skip = 0
-        if skip:
-            self.sampler.skip_next(skip * self.batch_size)
-        self._epoch, self._yielded = epoch, skip
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError(
-                f"cannot resume a DataLoader with a {type(self.sampler).__name__} mid-epoch; "
-                "it needs a ResumableSampler"
-            )
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class MaCSCDataModule(L.LightningDataModule):

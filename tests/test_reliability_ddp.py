@@ -164,8 +164,9 @@ def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone
     # 37 examples: 19 per rank (one repeated to even out), batches of 16 and 3, two epochs
     args += ["--data.init_args.data_fraction", "0.04625", "--trainer.limit_val_batches", "1"]
     command = [str(Path(sys.executable).parent / "macsc"), "fit", *args]
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": tests}
+    tests = Path(__file__).parent  # this checkout's code, and RankRecorder
+    path = os.pathsep.join([str(tests.parent), str(tests)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
     )

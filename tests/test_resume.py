@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from macsc.model import MaCSC
-from tasks.base import ResumableDataLoader, TextSplit
+from tasks.base import TextSplit
 from tasks.demo import DemoDataModule
+from tasks.sampling import ResumableDataLoader
 
 PROTOTYPES = {
     "image": {"kind": "gaussian", "dim": 16, "k": 4},
@@ -47,18 +48,23 @@ class Recorder(L.Callback):
 
 class StopAfter(L.Callback):
     """Saves a checkpoint after ``step`` optimizer steps and stops, as a killed job would; the
-    checkpoint is written where Lightning's ModelCheckpoint writes it, after the training batch
-    (``every_n_train_steps``) or after the validation that follows it (``monitor``)."""
+    checkpoint is written where Lightning's ModelCheckpoint writes it: after the training batch
+    (``every_n_train_steps``), after the validation that follows it (``monitor``), or at the
+    end of the epoch (``every_n_epochs``)."""
 
-    def __init__(self, step: int, path, after_validation: bool = False) -> None:
-        self.step, self.path, self.after_validation = step, path, after_validation
+    def __init__(self, step: int, path, hook: str = "batch") -> None:
+        self.step, self.path, self.hook = step, path, hook
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.after_validation:
+        if self.hook == "batch":
             self._save_and_stop(trainer)
 
     def on_validation_end(self, trainer, pl_module):
-        if self.after_validation and not trainer.sanity_checking:
+        if self.hook == "validation" and not trainer.sanity_checking:
+            self._save_and_stop(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.hook == "epoch":
             self._save_and_stop(trainer)
 
     def _save_and_stop(self, trainer) -> None:
@@ -81,6 +87,7 @@ def fit(backbone: str, *callbacks: L.Callback, ckpt_path=None) -> MaCSC:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=STEPS,
+        max_epochs=2,  # so configure_optimizers builds the training loader before the restore
         val_check_interval=2,
         limit_val_batches=1,
         num_sanity_val_steps=1,
@@ -105,17 +112,20 @@ def uninterrupted(tiny_backbone):
 
 # 5: mid-way through the second epoch (the sampler must be in epoch 1 and skip one batch);
 # 4: exactly at the end of the first epoch (nothing of it is left to skip);
-# 2 after validation: mid-way through the first epoch, saved where a monitored checkpoint is
+# 2 after validation: mid-way through the first epoch, saved where a monitored checkpoint is;
+# 4 at the epoch's end: after the epoch's end hooks, where every_n_epochs saves
 @pytest.mark.parametrize(
-    "stop,after_validation", [(5, False), (4, False), (2, True)], ids=["5", "4", "2-val"]
+    "stop,hook",
+    [(5, "batch"), (4, "batch"), (2, "validation"), (4, "epoch")],
+    ids=["5", "4", "2-val", "4-epoch"],
 )
 def test_resumed_run_equals_the_uninterrupted_one(
-    uninterrupted, tiny_backbone, tmp_path, stop, after_validation
+    uninterrupted, tiny_backbone, tmp_path, stop, hook
 ):
     reference, expected = uninterrupted
     checkpoint = tmp_path / "stopped.ckpt"
     first = Recorder()
-    fit(tiny_backbone, first, StopAfter(stop, checkpoint, after_validation))
+    fit(tiny_backbone, first, StopAfter(stop, checkpoint, hook))
     assert max(first.steps) == stop and checkpoint.exists()
 
     second = Recorder()
@@ -132,6 +142,26 @@ def test_resumed_run_equals_the_uninterrupted_one(
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key  # bit for bit
+
+
+class SaveInsideStep(L.Callback):
+    """Saves a checkpoint between the backward and the optimizer step of step ``step + 1`` (as
+    a signal handler can) and stops."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resuming_a_checkpoint_written_inside_a_step_warns(tiny_backbone, tmp_path):
+    checkpoint = tmp_path / "inside.ckpt"
+    fit(tiny_backbone, SaveInsideStep(2, checkpoint))
+    with pytest.warns(UserWarning, match=r"is not exact: it was written inside training step 3"):
+        fit(tiny_backbone, ckpt_path=checkpoint)
 
 
 def test_loader_state_resumes_the_length_grouped_order_mid_epoch():
@@ -154,13 +184,13 @@ def test_loader_state_resumes_the_length_grouped_order_mid_epoch():
     whole = loader()
     assert isinstance(whole, ResumableDataLoader)
     epochs = [epoch(whole, 0), epoch(whole, 1)]
-    assert whole.state_dict() == {"epoch": 1, "batches": 8}
+    assert whole.state_dict() == {"epoch": 1, "batches": 8, "num_batches": 8}
     assert epochs[0] != epochs[1] and sorted(sum(epochs[1], [])) == list(range(30))
 
     resumed = loader()
     resumed.load_state_dict({"epoch": 1, "batches": 3})
     assert epoch(resumed, 1) == epochs[1][3:]
-    assert resumed.state_dict() == {"epoch": 1, "batches": 8}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 8, "num_batches": 8}
     # saved at the very end of an epoch: the next epoch is whole
     finished = loader()
     finished.load_state_dict({"epoch": 0, "batches": 8})

