@@ -91,6 +91,24 @@ def positive_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
     return _normalize_rows(cosine_agreement(p_m, p_k) * positive_mask.to(p_m.dtype))
 
 
+def balanced_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
+    """SPEC 5, ``weight_normalization: balanced`` (the default): Eq. 5 over the whole batch,
+    masked by the positives, then rescaled by one scalar so that the mean row mass over the
+    anchors that have a positive is one: ``W <- W * n_rows / sum W``.
+
+    p_m, p_k: ``(..., B, C)``; positive_mask: ``(B, B)`` bool. Returns ``(..., B, B)``. Unlike
+    :func:`positive_weights` it keeps which anchors count more (an anchor whose predictions agree
+    with its positives more than with the rest of the batch keeps more mass), which is all the
+    fine-grained signal there is under an identity mask (QA); the scalar makes the losses of
+    different modality pairs comparable. All zero when no weight survives the mask.
+    """
+    mask = positive_mask.to(p_m.dtype)
+    weights = allocation_weights(p_m, p_k) * mask
+    rows = positive_mask.any(dim=-1).sum().to(weights.dtype)
+    total = weights.sum(dim=(-1, -2), keepdim=True)
+    return weights * (rows / total.clamp_min(_EPS))
+
+
 def coarse_weights(z: Tensor) -> Tensor:
     """Eq. 6: ``pi_z^(m, k) = softmax_{k != m} z[m, k]``; the diagonal takes no part and is zero.
 

@@ -14,10 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocation import allocation_weights, coarse_weights, cosine_agreement, positive_weights
+from .allocation import (
+    allocation_weights,
+    balanced_weights,
+    coarse_weights,
+    cosine_agreement,
+    positive_weights,
+)
 from .losses import REDUCTIONS, self_balancing_contrastive_loss
 
-WEIGHT_NORMALIZATIONS = ("positives", "batch")
+#: which fine-grained weights enter the loss (SPEC 5): Eq. 5 rescaled per pair (the default),
+#: Eq. 5 as written, or normalised over each row's positives
+WEIGHT_NORMALIZATIONS = ("balanced", "batch", "positives")
+_WEIGHTS = {"balanced": balanced_weights, "positives": positive_weights}
 
 
 @dataclass
@@ -48,7 +57,7 @@ class SelfBalancingCalibration(nn.Module):
         hidden_size: int,
         proj_dim: int = 128,
         tau: float = 0.1,
-        weight_normalization: str = "positives",
+        weight_normalization: str = "balanced",
         reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -102,10 +111,10 @@ class SelfBalancingCalibration(nn.Module):
             return CalibrationOutput(zero, features.new_zeros(0), pi_z, features.new_zeros(0))
         distributions = distributions.float()
         p_anchor, p_other = distributions[self.anchor], distributions[self.other]
-        if self.weight_normalization == "positives":
-            weights = positive_weights(p_anchor, p_other, positive_mask)
-        else:
+        if self.weight_normalization == "batch":
             weights = allocation_weights(p_anchor, p_other)
+        else:
+            weights = _WEIGHTS[self.weight_normalization](p_anchor, p_other, positive_mask)
         pair_losses = self_balancing_contrastive_loss(
             features[self.anchor].float(),
             features[self.other].float(),

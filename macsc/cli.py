@@ -41,11 +41,107 @@ COMMANDS = {
 }
 
 
+def option_error(message: str, parser) -> str:
+    """The argument parser's ``message`` as one line, with the closest valid option when it
+    is about an unknown one (instead of a 60-line usage dump)."""
+    import difflib
+    import re
+
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    known = {
+        option.lstrip("-")
+        for action in getattr(parser, "_actions", [])
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    inner = re.search(r"Option '([\w.\-]+)' is not accepted", message)
+    outer = re.match(r'Parser key "([\w.\-]+)"', first)
+    if inner and outer:  # a subclass's init argument (data.init_args.batch_sise)
+        key = f"{outer.group(1)}.init_args.{inner.group(1)}"
+        known = {f"{outer.group(1)}.init_args.{name}" for name in data_module_options()}
+    else:
+        unknown = re.search(r"accept option '-{0,2}([\w.\-]+)'", first) or re.search(
+            r"unrecognized arguments: -{0,2}([\w.\-]+)", first
+        )
+        if unknown is None:
+            return bad_value(message, first)
+        key = unknown.group(1)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    prog = getattr(parser, "prog", "macsc").replace(" [options]", "")
+    return f"unknown option {key!r}{hint} (`{prog} --help` lists every option)"
+
+
+def bad_value(message: str, first: str) -> str:
+    """A value the parser rejected, in one line: the key, what was expected, what was given."""
+    import re
+
+    key = re.match(r'Parser key "([\w.\-]+)"', first)
+    if key is None:
+        return first[:300]
+    expected = re.findall(r"- Expected an? <class '(\w+)'>", message)
+    expected = [name for name in expected if name != "NoneType"]
+    given = re.search(r"Given value: (.*)", message)
+    errors = [
+        line.strip(" -")
+        for line in message.splitlines()[1:]
+        if line.strip().startswith("- ") and "Expected a" not in line
+    ]
+    what = f"expected {' or '.join(expected)}" if expected else (errors[0] if errors else "")
+    shown = f", got {given.group(1)[:80]!r}" if given else ""
+    return f"option {key.group(1)!r}: {what or 'invalid value'}{shown}"[:300]
+
+
+def data_module_options() -> set[str]:
+    """The init arguments of the data modules macsc ships (for suggestions)."""
+    import inspect
+
+    from tasks import commongen, demo, glue, squad
+    from tasks.base import MaCSCDataModule
+
+    classes = (
+        MaCSCDataModule,
+        glue.GLUEDataModule,
+        glue.TableDataModule,
+        squad.SquadDataModule,
+        commongen.CommonGenDataModule,
+        demo.DemoDataModule,
+    )
+    return {
+        name
+        for cls in classes
+        for name in inspect.signature(cls.__init__).parameters
+        if name not in ("self", "options")
+    }
+
+
 def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class MacscArgumentParser(LightningArgumentParser):
+        """Reports a bad option or config key in one line, naming the closest valid key."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            from .errors import CommandLineError
+
+            parser = getattr(ex, "subcommand_parser", None) or self
+            raise CommandLineError(option_error(message, parser)) from ex
 
     class MacscCLI(LightningCLI):
         """Links what only the data knows into the model, and connects the data to the model."""
+
+        def init_parser(self, **kwargs):
+            kwargs.setdefault("dump_header", [])
+            parser = MacscArgumentParser(**kwargs)
+            from jsonargparse import ActionConfigFile
+
+            parser.add_argument(
+                "-c",
+                "--config",
+                action=ActionConfigFile,
+                help="Path to a configuration file in json or yaml format.",
+            )
+            return parser
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(
@@ -54,6 +150,22 @@ def _cli_class():
                 compute_fn=lambda data: data.task_spec.to_dict(),
                 apply_on="instantiate",
             )
+
+        def before_instantiate_classes(self) -> None:
+            """A relative logger ``save_dir`` (the configs' ``runs``) is relative to
+            ``--trainer.default_root_dir`` when one is given, so the root dir decides where
+            runs go unless the user points the logger elsewhere."""
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            trainer = config.get("trainer") if config is not None else None
+            root = trainer.get("default_root_dir") if trainer is not None else None
+            if not root:
+                return
+            loggers = trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                init_args = getattr(logger, "init_args", None)
+                save_dir = getattr(init_args, "save_dir", None) if init_args else None
+                if isinstance(save_dir, str) and not Path(save_dir).expanduser().is_absolute():
+                    init_args.save_dir = str(Path(root) / save_dir)
 
         def instantiate_classes(self) -> None:
             from .errors import MacscError

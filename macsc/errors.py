@@ -32,3 +32,10 @@ class CheckpointError(MacscError, ValueError):
 
 class NonFiniteLossError(MacscError, FloatingPointError):
     """A loss term became NaN or Inf during training; the message names the term and the step."""
+
+
+class CommandLineError(MacscError):
+    """An option or config key the command does not know, or a value it cannot parse.
+
+    Not a ValueError on purpose: the argument parser must not mistake it for one of its own
+    recoverable errors."""

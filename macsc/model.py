@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from .checkpointing import check_checkpoint_is_safe, is_local, mismatch_error, upgrade_state_dict
@@ -22,6 +23,7 @@ from .objective import DeviceGroup, MaCSCObjective
 from .optim import build_optimizer, linear_schedule
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor
+from .run_folders import EmptyRunCleanup
 from .run_state import RunState
 from .task import TaskSpec
 
@@ -64,12 +66,15 @@ class MaCSC(L.LightningModule):
         enhancer_heads: attention heads of the enhancement module (paper: 8).
         enhancer_feed_forward: add a feed-forward block after the enhancement attention.
         text_pooling: ``auto`` (first token, or last for XLNet), ``first``, ``last``, ``mean``.
-        lambda_msb: weight of the self-balancing loss (Eq. 14; paper 0.2).
+        lambda_msb: weight of the self-balancing loss (Eq. 14); default the task kind's (0.2 as
+            in the paper's A.3; 0 for generation, where the paper cancels it).
         alpha: strength of the class-prior debiasing of Eq. 4.
         tau: contrastive temperature of Eq. 7.
         proj_dim: width of the contrastive projectors.
-        weight_normalization: ``positives`` (default) or ``batch`` (Eq. 5 literally); see SPEC 5.
-        reduction: ``mean`` or ``sum`` over anchors (Eq. 8 sums).
+        weight_normalization: ``balanced`` (default: Eq. 5 rescaled per modality pair),
+            ``batch`` (Eq. 5 literally) or ``positives``; see SPEC 5.
+        reduction: ``mean`` or ``sum`` over examples, for ``L_wa`` and ``L_msb`` alike (Eq. 8
+            and 12 sum; ``mean`` keeps lambda independent of the batch size).
         gather_across_devices: all-gather features and predictions under DDP so that positives
             and negatives span the global batch.
         learning_rate, weight_decay, warmup_ratio, adam_epsilon: AdamW with linear warm-up and
@@ -98,11 +103,11 @@ class MaCSC(L.LightningModule):
         enhancer_heads: int = 8,
         enhancer_feed_forward: bool = False,
         text_pooling: str = "auto",
-        lambda_msb: float = 0.2,
+        lambda_msb: float | None = None,
         alpha: float = 1.0,
         tau: float = 0.1,
         proj_dim: int = 128,
-        weight_normalization: str = "positives",
+        weight_normalization: str = "balanced",
         reduction: str = "mean",
         gather_across_devices: bool = False,
         learning_rate: float = 1e-4,
@@ -143,6 +148,9 @@ class MaCSC(L.LightningModule):
             dropout=self.network.dropout_rate,
             **(head_options or {}),
         )
+        self.head.attach(self.network.backbone)
+        if lambda_msb is None:
+            lambda_msb = self.head.default_lambda_msb
         self.objective = MaCSCObjective(
             modalities,
             self.network.hidden_size,
@@ -177,17 +185,31 @@ class MaCSC(L.LightningModule):
         return self.network.extractors
 
     def setup(self, stage: str) -> None:
+        if self.network.sources:
+            # a modality missing from model.prototypes silently takes the paper's extractor
+            # (a dict given on the command line replaces the whole dict): say which is used
+            rank_zero_info("prototype sources: " + "; ".join(self.network.sources.values()))
         datamodule = (
             getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         )
-        if stage == "fit" and datamodule is not None and hasattr(datamodule, "train_label_classes"):
+        if stage != "fit":
+            return
+        if datamodule is not None and hasattr(datamodule, "train_label_classes"):
             self.objective.set_class_prior(self.head, datamodule.train_label_classes())
+        elif self.objective.calibration is not None and self.objective.alpha != 0:
+            rank_zero_warn(
+                "the class prior pi_e of Eq. 4 stays uniform: training runs without a data "
+                "module that gives the training labels (train_label_classes()), so the "
+                "debiasing does nothing; use a macsc data module (tasks.*), or give yours a "
+                "train_label_classes() method, or set model.alpha: 0 to say so"
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         """What every run needs, so a user never has to configure it: the non-finite check,
         the modality-weight heatmaps, and the run state of an exact resume (random streams,
-        loader position, SLURM requeue, atomic checkpoint files)."""
-        return [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState()]
+        loader position, SLURM requeue, atomic checkpoint files), and the removal of the empty
+        folder a failed evaluation would leave."""
+        return [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState(), EmptyRunCleanup()]
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: dict) -> ModelOutput:
@@ -277,8 +299,12 @@ class MaCSC(L.LightningModule):
             self.objective.rho_logits,
             batch,
         )
-        if scored:
-            loss = self.head.aggregation_loss(forward.outputs, self.objective.rho_logits, batch)
+        loss = (
+            self.head.evaluation_loss(forward.outputs, self.objective.rho_logits, batch)
+            if scored
+            else None
+        )
+        if loss is not None:
             self.log(
                 f"{self._metric_prefix(stage, dataloader_idx)}/loss",
                 loss,
@@ -319,9 +345,15 @@ class MaCSC(L.LightningModule):
                 continue
             self._updated.discard(key)
             datamodule = getattr(self.trainer, "datamodule", None)
-            result = self.head.compute_metrics(
-                self.metrics[key], EvaluationContext(stage, name, datamodule)
+            context = EvaluationContext(
+                stage,
+                name,
+                datamodule,
+                sanity_check=self.trainer.sanity_checking,
+                is_global_zero=self.trainer.is_global_zero,
+                broadcast=self.trainer.strategy.broadcast,
             )
+            result = self.head.compute_metrics(self.metrics[key], context)
             prefix = self._metric_prefix(stage, index)
             if stage != "predict":
                 self.log_dict(
@@ -332,6 +364,10 @@ class MaCSC(L.LightningModule):
                     prog_bar=True,
                 )
             self._write(stage, name, result, datamodule)
+            experiment = getattr(self.logger, "experiment", None)
+            if result.samples and self.trainer.is_global_zero and hasattr(experiment, "add_text"):
+                text = "\n\n".join(f"{i + 1}. {sample}" for i, sample in enumerate(result.samples))
+                experiment.add_text(f"{prefix}/samples", text, self.global_step)
 
     def _write(self, stage: str, name: str, result: EvaluationResult, datamodule: Any) -> None:
         """``metrics-<split>.json``, ``predictions-<split>.jsonl`` and the task's official

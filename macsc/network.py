@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, MacscError
 from .fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor, Prototypes, build_extractor
@@ -122,9 +122,23 @@ class MaCSCNetwork(nn.Module):
         self._frozen_extractors: dict[str, PrototypeExtractor] = {}
         self.trainable_extractors = nn.ModuleDict()
         self.enhancers = nn.ModuleDict()
+        self.sources: dict[str, str] = {}
         for name in self.modalities[1:]:
             # a source given in the config replaces the default one whole (options differ by kind)
-            extractor = build_source(name, prototypes.get(name) or DEFAULT_PROTOTYPES[name])
+            source = prototypes.get(name) or DEFAULT_PROTOTYPES[name]
+            origin = "model.prototypes" if prototypes.get(name) else "the paper's default"
+            self.sources[name] = f"{name} <- {_options_text(source)} ({origin})"
+            try:
+                extractor = build_source(name, source)
+            except MacscError as error:
+                if prototypes.get(name):
+                    raise
+                raise ConfigError(
+                    f"model.prototypes has no entry for {name!r}, so the paper's extractor "
+                    f"{_options_text(source)} is used, and: {error} (note: "
+                    f"--model.prototypes '{{...}}' replaces the whole dict; "
+                    f"--model.prototypes.{name} '{{kind: ...}}' sets one modality)"
+                ) from error
             if extractor.trainable:
                 self.trainable_extractors[name] = extractor
             else:
@@ -203,6 +217,11 @@ class MaCSCNetwork(nn.Module):
         )
 
 
+def _options_text(source: dict[str, Any]) -> str:
+    options = ", ".join(f"{key}: {value}" for key, value in source.items())
+    return "{" + options + "}"
+
+
 def check_modalities(modalities: list[str], prototypes: dict[str, dict[str, Any]]) -> None:
     if not modalities or modalities[0] != "text":
         raise ConfigError(
@@ -224,6 +243,8 @@ def build_source(name: str, spec: dict[str, Any]) -> PrototypeExtractor:
     """The prototype extractor of modality ``name`` from its config entry."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
+    if kind == "gaussian":
+        spec.setdefault("stream", name)  # independent noise per modality by construction
     if not kind:
         raise ConfigError(
             f"model.prototypes.{name} needs a 'kind' (e.g. open_clip, audioclip, clip_vip, hf, gaussian)"
@@ -238,7 +259,11 @@ def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Modu
     import transformers
 
     try:
-        return getattr(transformers, auto_class).from_pretrained(resolve_pretrained(name), **kwargs)
+        path = resolve_pretrained(name)
+    except ConfigError as error:
+        raise ConfigError(f"model.backbone: {error}") from error
+    try:
+        return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
     except OSError as error:
         raise ConfigError(
             f"cannot load the backbone {name!r}: {str(error).splitlines()[0]} -- give a local "

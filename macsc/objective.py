@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .allocation import class_prior
@@ -34,7 +35,8 @@ class MaCSCObjective(nn.Module):
         hidden_size: width of the pooled branch representations.
         head: the task head whose outputs the objective reads (its kind decides whether there
             is late fusion, a class prior, and which samples are positives).
-        lambda_msb, alpha, tau, proj_dim, weight_normalization, reduction: SPEC 4-5.
+        lambda_msb, alpha, tau, proj_dim, weight_normalization, reduction: SPEC 4-5; with
+            ``reduction: sum`` both ``L_wa`` and ``L_msb`` sum over the examples (Eq. 8, 12).
         gather_across_devices: compute ``L_msb`` over the batch gathered from every rank.
     """
 
@@ -47,13 +49,14 @@ class MaCSCObjective(nn.Module):
         alpha: float = 1.0,
         tau: float = 0.1,
         proj_dim: int = 128,
-        weight_normalization: str = "positives",
+        weight_normalization: str = "balanced",
         reduction: str = "mean",
         gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = list(modalities)
         self.lambda_msb = lambda_msb
+        self.reduction = reduction
         self.gather_across_devices = gather_across_devices
         self.rho_logits = nn.Parameter(torch.zeros(len(modalities))) if head.late_fusion else None
         if lambda_msb != 0 and not head.late_fusion:
@@ -96,6 +99,11 @@ class MaCSCObjective(nn.Module):
         """``{"wa", "total"}``, plus ``"msb"``, ``"pairs"`` (``L^(m,k)``), ``"pi_z"`` and
         ``"agreement"`` when the calibration is on. ``devices``: gather across ranks."""
         wa = head.aggregation_loss(output.outputs, self.rho_logits, batch)
+        gather = self.gather_across_devices and devices is not None and devices.world_size > 1
+        if self.reduction == "sum":
+            # Eq. 12 sums over the examples as Eq. 8 does over the anchors, so that lambda keeps
+            # its meaning; gathered, L_msb sums over every rank's anchors, and so must L_wa
+            wa = wa * batch["input_ids"].shape[0] * (devices.world_size if gather else 1)
         result: dict[str, Any] = {"wa": wa}
         if self.calibration is None:
             result["total"] = wa
@@ -105,7 +113,7 @@ class MaCSCObjective(nn.Module):
             output.outputs, self.class_prior, self.alpha, batch
         )
         keys = head.positive_keys(batch)
-        if self.gather_across_devices and devices is not None and devices.world_size > 1:
+        if gather:
             features, distributions, keys = gather_batch(
                 features, distributions, keys, devices, head.identity_positives
             )
@@ -128,8 +136,9 @@ def gather_batch(
     devices: DeviceGroup,
     identity_positives: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """All-gather features ``(M, B, D)``, distributions ``(M, B, ...)`` and keys ``(B,)`` along
-    the batch; gradients flow through this rank's own slice.
+    """All-gather features ``(M, B, D)``, distributions ``(M, B, ..., C)`` and keys ``(B,)``
+    along the batch; gradients flow through this rank's own slice. ``C`` may differ between
+    ranks (span positions): each rank's is zero-padded to the longest.
 
     Every rank then computes the same ``L_msb`` over the global batch, and this rank's features
     get ``dL/df_rank`` only. DDP averages gradients over the ``W`` ranks, so the local slice's
@@ -140,6 +149,11 @@ def gather_batch(
     positives (keys ``0..B-1`` on every rank) are offset by ``rank * B`` to stay unique.
     """
     world, rank = devices.world_size, devices.rank
+    # span distributions cover each rank's own padded length: pad them to the longest first
+    # (with zeros, which no position of a shorter sample carries anyway)
+    length = torch.tensor(distributions.shape[-1], device=distributions.device)
+    longest = int(devices.all_gather(length).max())
+    distributions = F.pad(distributions, (0, longest - distributions.shape[-1]))
     local = features + (features - features.detach()) * (world - 1)
     gathered = devices.all_gather(features.detach().transpose(0, 1).contiguous())  # (W, B, M, D)
     gathered = torch.cat(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -17,6 +19,11 @@ def resolve_pretrained(name: str) -> str:
     offline and drives the demo.
     """
     if not name.startswith(PACKAGE_PREFIX):
+        if looks_like_path(name) and not Path(name).expanduser().exists():
+            raise ConfigError(
+                f"the folder {name!r} does not exist; give an existing folder in "
+                "save_pretrained layout, or a hub name such as bert-base-uncased"
+            )
         return name
     module_name = name[len(PACKAGE_PREFIX) :]
     try:
@@ -29,3 +36,13 @@ def resolve_pretrained(name: str) -> str:
     if not hasattr(module, "get_model_path"):
         raise ConfigError(f"{name!r}: package {module_name!r} has no get_model_path()")
     return str(module.get_model_path())
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``name`` or ``owner/name``): absolute, relative with
+    ``./`` or ``../``, home-relative, or with more than one ``/``."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )

@@ -145,6 +145,8 @@ class CommonGenDataModule(MaCSCDataModule):
         The other options are :class:`~tasks.base.MaCSCDataModule`'s.
     """
 
+    task = "commongen"
+
     def __init__(
         self,
         data_files: dict[str, str] | None = None,

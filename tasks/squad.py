@@ -122,8 +122,11 @@ class SquadDataModule(MaCSCDataModule):
         doc_stride: tokens shared by consecutive windows.
         max_question_length: longer questions are cut to leave room for the context.
         n_best, max_answer_length: post-processing (see :func:`macsc.qa.span_candidates`).
-        pad_to_max_length: pad every batch to ``max_length`` (needed with the model's
-            ``gather_across_devices``; slower otherwise).
+        pad_to_max_length: pad every batch to ``max_length`` (a fixed width; not needed for
+            the model's ``gather_across_devices``, which pads the gathered spans itself).
+        null_threshold: v2, ``macsc predict`` only: answer "no answer" where the null score
+            exceeds the best span's by more than this (validation and test pick the best
+            threshold on the split itself and log it as ``best_f1_thresh``: pass that here).
         data_fraction: a seeded fraction of the training *questions* (all windows of a chosen
             question are kept), chosen by :func:`tasks.base.fraction_indices` among the questions
             left after the answer-offset check of :func:`tasks.squad_data.load_squad`.
@@ -142,6 +145,7 @@ class SquadDataModule(MaCSCDataModule):
         n_best: int = 20,
         max_answer_length: int = 30,
         pad_to_max_length: bool = False,
+        null_threshold: float = 0.0,
         batch_size: int = 12,
         predict_on: str = "validation",
         **options: Any,
@@ -173,6 +177,7 @@ class SquadDataModule(MaCSCDataModule):
         self.n_best = n_best
         self.max_answer_length = max_answer_length
         self.pad_to_max_length = pad_to_max_length
+        self.null_threshold = null_threshold
         self._evaluation: dict[str, SpanEvaluationData] = {}
 
     @property
@@ -246,16 +251,17 @@ class SquadDataModule(MaCSCDataModule):
                 self.version_2,
                 self.n_best,
                 self.max_answer_length,
+                self.null_threshold,
             )
         return EncodedSplit(columns)
 
     def span_evaluation(self, stage: str, split: str) -> SpanEvaluationData:
         """Examples and features of the split evaluated as ``split`` (a ``task_spec.val_names``
-        entry) in ``stage`` (``val`` or ``test``); read for :meth:`SpanHead.compute_metrics`."""
-        role = "validation" if stage == "val" else self.test_on
-        name = self.split_names(role)[self.task_spec.val_names.index(split)]
+        entry) in ``stage`` (``val``, ``test`` or ``predict``); read for
+        :meth:`SpanHead.compute_metrics`."""
+        name = self.evaluated_split_name(stage, split)
         if name not in self._evaluation:
-            self._dataset(name, needs_labels=True)
+            self._dataset(name, needs_labels=stage != "predict")
         return self._evaluation[name]
 
     def _collator(self, name: str) -> SpanCollator:

@@ -49,3 +49,36 @@ def tiny_backbone(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MACSC_CACHE", str(tmp_path / "macsc_cache"))
+
+
+def write_tiny_t5(folder: Path, d_model: int = 32) -> Path:
+    """A randomly initialised T5 (one encoder and one decoder block) in save_pretrained layout,
+    with MiniLM's WordPiece tokenizer: decoding starts from [PAD] (0) and ends at [SEP] (102),
+    the token the tokenizer puts last in every target (NOTES.md: no T5 tokenizer offline)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=30522,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=d_model // 4,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=102,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        source = minilm_path() / name
+        if source.exists():
+            shutil.copy(source, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> str:
+    return str(write_tiny_t5(tmp_path_factory.mktemp("tiny_t5")))

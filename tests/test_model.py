@@ -208,5 +208,5 @@ def test_bad_modalities_are_clear(tiny_backbone, modalities, message):
 
 
 def test_missing_backbone_is_clear(tmp_path):
-    with pytest.raises(ConfigError, match="cannot load the backbone"):
+    with pytest.raises(ConfigError, match=r"model.backbone: the folder .*nope' does not exist"):
         MaCSC(backbone=str(tmp_path / "nope"), modalities=["text"], task=CLASSIFICATION)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import minilm_path
 
-from macsc.errors import CheckpointError
+from macsc.errors import ConfigError
 from macsc.prototypes import build_extractor
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "", "a b c d e f g h i"]
@@ -90,8 +90,8 @@ def test_trainable_encoder_receives_gradients(tiny_backbone):
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
-def test_missing_model_is_a_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="cannot load the Hugging Face encoder"):
+def test_missing_model_folder_says_it_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"the folder .*no-such-model' does not exist"):
         build_extractor("hf", model_name=str(tmp_path / "no-such-model"))
 
 

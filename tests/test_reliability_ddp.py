@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from test_cli import demo_args
 from transformers import AutoTokenizer
@@ -45,24 +46,36 @@ class LossOfBatch(MaCSC):
         return self.compute_losses(batch, super().forward(batch))
 
 
-def loss_model(backbone: str, gather: bool) -> LossOfBatch:
+TASKS = {
+    "classification": {"kind": "classification", "num_labels": 3},
+    "span": {"kind": "span", "num_labels": 2, "metrics": ["exact", "f1"]},
+}
+
+
+def loss_model(backbone: str, gather: bool, kind: str = "classification") -> LossOfBatch:
     torch.manual_seed(0)
     model = LossOfBatch(
         backbone=backbone,
         modalities=["text", "image", "audio"],
         prototypes=PROTOTYPES,
-        task={"kind": "classification", "num_labels": 3},
+        task=TASKS[kind],
         enhancer_heads=4,
         gather_across_devices=gather,
     )
     return model.eval()  # no dropout: both sides see the same function
 
 
-def full_batch(model: MaCSC, backbone: str) -> dict:
+def full_batch(model: MaCSC, backbone: str, kind: str = "classification") -> dict:
     batch = dict(
         AutoTokenizer.from_pretrained(backbone)(SENTENCES, padding=True, return_tensors="pt")
     )
     batch["labels"] = torch.tensor(LABELS)
+    if kind == "span":  # answers inside each sentence, the context after its first token
+        real = batch["attention_mask"].sum(-1)
+        positions = torch.arange(batch["input_ids"].shape[1])[None]
+        batch["context_mask"] = (positions >= 1) & (positions < real[:, None] - 1)
+        batch["start_positions"] = torch.ones(len(SENTENCES), dtype=torch.long)
+        batch["end_positions"] = real - 2
     batch["prototypes"] = {}
     for name, extractor in model.extractors.items():
         out = extractor.extract(SENTENCES)
@@ -70,17 +83,20 @@ def full_batch(model: MaCSC, backbone: str) -> dict:
     return batch
 
 
-def rows(batch: dict, part: slice) -> dict:
+def rows(batch: dict, part: slice, width: int | None = None, text: bool = False) -> dict:
+    """The samples ``part`` of a batch; ``width`` cuts the text's (B, l) tensors to that
+    length, as a rank that padded its own samples only would have them."""
     if isinstance(batch, dict):
-        return {key: rows(value, part) for key, value in batch.items()}
-    return batch[part]
+        return {k: rows(v, part, width, k != "prototypes" or text) for k, v in batch.items()}
+    value = batch[part]
+    return value[:, :width] if width is not None and text and value.dim() == 2 else value
 
 
-def ddp_worker(fabric, backbone: str, batch: dict, out: Path) -> None:
+def ddp_worker(fabric, backbone: str, batch: dict, out: Path, kind: str) -> None:
     """One rank: its half of the batch through DDP; rank 0 saves what the ranks saw and computed
     to ``out`` (a file: the gradients are too big for the launcher's return pipe)."""
     torch.set_num_threads(1)
-    model = loss_model(backbone, gather=True)
+    model = loss_model(backbone, gather=True, kind=kind)
     seen_keys = []
     gather = objective.gather_batch
 
@@ -92,7 +108,10 @@ def ddp_worker(fabric, backbone: str, batch: dict, out: Path) -> None:
     objective.gather_batch = recording_gather
     ddp = fabric.setup_module(model)
     half = len(LABELS) // 2
-    losses = ddp(rows(batch, slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)))
+    mine = slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)
+    # each rank pads to its own longest sample, so span distributions differ in length
+    width = int(batch["attention_mask"][mine].sum(-1).max()) if kind == "span" else None
+    losses = ddp(rows(batch, mine, width))
     fabric.backward(losses["total"])  # DDP averages the gradients over the ranks
     result = {
         "wa": fabric.all_gather(losses["wa"].detach()),
@@ -104,21 +123,23 @@ def ddp_worker(fabric, backbone: str, batch: dict, out: Path) -> None:
         torch.save(result, out)
 
 
-def test_two_ranks_compute_the_single_process_loss_and_gradients(tiny_backbone, tmp_path):
-    single = loss_model(tiny_backbone, gather=False)
-    batch = full_batch(single, tiny_backbone)
+@pytest.mark.parametrize("kind", ["classification", "span"])
+def test_two_ranks_compute_the_single_process_loss_and_gradients(tiny_backbone, tmp_path, kind):
+    single = loss_model(tiny_backbone, gather=False, kind=kind)
+    batch = full_batch(single, tiny_backbone, kind)
     expected = single(batch)
     expected["total"].backward()
 
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
-    fabric.launch(ddp_worker, tiny_backbone, batch, tmp_path / "ranks.pt")
+    fabric.launch(ddp_worker, tiny_backbone, batch, tmp_path / "ranks.pt", kind)
     got = torch.load(tmp_path / "ranks.pt", weights_only=True)
 
     # every rank computed L_msb over all 2b examples: the single-process value, on both ranks
     torch.testing.assert_close(got["msb"], expected["msb"].detach().expand(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(got["wa"].mean(), expected["wa"].detach(), atol=1e-5, rtol=0)
-    # both ranks gathered the same, complete label set
-    assert got["keys"] == [LABELS, LABELS]
+    # both ranks gathered the same, complete label set (identity keys: offset by rank)
+    expected_keys = LABELS if kind == "classification" else list(range(len(LABELS)))
+    assert got["keys"] == [expected_keys, expected_keys]
     grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
     assert grads.keys() == got["grads"].keys()
     for name, grad in grads.items():

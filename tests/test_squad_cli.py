@@ -45,10 +45,8 @@ def event_scalars(root: Path) -> set[str]:
     return tags
 
 
-def test_squad_v2_fit_writes_predictions_and_logs_f1(tiny_backbone, tmp_path):
-    data = squad_json(tmp_path / "squad.json")
-    args = [
-        "fit",
+def squad_args(tiny_backbone: str, tmp_path: Path, data: str) -> list[str]:
+    return [
         "--config",
         str(ROOT / "lightning_configs" / "squad_v2.yaml"),
         "--trainer.accelerator=cpu",
@@ -73,6 +71,11 @@ def test_squad_v2_fit_writes_predictions_and_logs_f1(tiny_backbone, tmp_path):
         "--data.init_args.eval_batch_size=64",  # one batch: every question is scored
         "--data.init_args.num_workers=0",
     ]
+
+
+def test_squad_v2_fit_writes_predictions_and_logs_f1(tiny_backbone, tmp_path):
+    data = squad_json(tmp_path / "squad.json")
+    args = ["fit", *squad_args(tiny_backbone, tmp_path, data)]
     assert main(args) == 0
     folders = sorted((tmp_path / "runs").rglob("val_validation_step*"))
     assert [folder.name for folder in folders] == ["val_validation_step3"]  # not the sanity check
@@ -83,3 +86,31 @@ def test_squad_v2_fit_writes_predictions_and_logs_f1(tiny_backbone, tmp_path):
     scalars = event_scalars(tmp_path / "runs")
     assert {"val/f1", "val/exact", "val/best_f1_thresh", "val/f1/text", "val/f1/image"} <= scalars
     assert {"loss/wa", "loss/msb", "weights/rho/image"} <= scalars
+
+    # predict writes the official files too (here on the validation split), which squad-eval
+    # scores like the official script; and one record per question
+    (checkpoint,) = (tmp_path / "runs").rglob("last.ckpt")
+    predict = ["predict", *squad_args(tiny_backbone, tmp_path, data), f"--ckpt_path={checkpoint}"]
+    assert main(predict) == 0
+    (folder,) = (tmp_path / "runs").rglob("predict_validation_step*")
+    predicted = json.loads((folder / "predictions.json").read_text())
+    odds = json.loads((folder / "null_odds.json").read_text())
+    assert set(predicted) == set(odds) == set(QAS)
+    # at data option null_threshold 0.0: no answer exactly where the null odds exceed it
+    assert all((text == "") == (odds[qid] > 0.0) for qid, text in predicted.items())
+    (records,) = folder.parent.glob("predictions-validation.jsonl")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert {line["id"] for line in lines} == set(QAS)
+    assert all(line["prediction"] == predicted[line["id"]] for line in lines)
+    assert (
+        main(
+            [
+                "squad-eval",
+                data,
+                str(folder / "predictions.json"),
+                "-n",
+                str(folder / "null_odds.json"),
+            ]
+        )
+        == 0
+    )

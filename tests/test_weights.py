@@ -47,15 +47,15 @@ def saved(tiny_backbone, tmp_path_factory):
         enhancer_heads=4,
     )
     with torch.no_grad():
-        model.rho_logits.copy_(torch.tensor(RHO).log())
-        model.calibration.z.copy_(torch.tensor(Z))
+        model.objective.rho_logits.copy_(torch.tensor(RHO).log())
+        model.objective.calibration.z.copy_(torch.tensor(Z))
     return model.state_dict(), dict(model.hparams)
 
 
-def renamed(state: dict) -> dict:
-    """The key layout after the lead's refactor: the objective owns rho and the calibration."""
-    moved = ("rho_logits", "calibration.")
-    return {(f"objective.{k}" if k.startswith(moved) else k): v for k, v in state.items()}
+def legacy(state: dict) -> dict:
+    """The key layout of macsc 0.1 (before the objective owned rho and the calibration)."""
+    moved = ("objective.rho_logits", "objective.calibration.")
+    return {(k[len("objective.") :] if k.startswith(moved) else k): v for k, v in state.items()}
 
 
 def printed_weights(out: str) -> tuple[dict[str, str], list[list[str]]]:
@@ -68,11 +68,11 @@ def printed_weights(out: str) -> tuple[dict[str, str], list[list[str]]]:
     return rho, pi
 
 
-@pytest.mark.parametrize("layout", ["today", "objective"])
+@pytest.mark.parametrize("layout", ["today", "legacy"])
 def test_prints_rho_and_pi_z_and_writes_the_heatmaps(saved, tmp_path, capsys, layout):
     state, hparams = saved
-    state = renamed(state) if layout == "objective" else state
-    assert ("objective.rho_logits" in state) == (layout == "objective")
+    state = legacy(state) if layout == "legacy" else state
+    assert ("objective.rho_logits" in state) == (layout == "today")
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": hparams, "global_step": 12}, path)
     out_dir = tmp_path / "figures"
@@ -113,7 +113,7 @@ def test_a_run_folder_means_its_last_checkpoint_else_the_newest(saved, tmp_path,
 
 def test_without_calibration_there_is_no_pi_z(saved, tmp_path, capsys):
     state, hparams = saved
-    state = {k: v for k, v in state.items() if not k.startswith("calibration.")}
+    state = {k: v for k, v in state.items() if not k.startswith("objective.calibration.")}
     path = tmp_path / "no_msb.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": {**hparams, "lambda_msb": 0.0}}, path)
     assert main(["weights", str(path), "--out", str(tmp_path / "figures")]) == 0

@@ -15,6 +15,7 @@ from .base import (
     register_head,
 )
 from .classification import ClassificationHead, PooledHead, RegressionHead
+from .generation import GenerationHead
 from .records import ExampleOutputs
 from .span import (
     SpanEvaluationData,
@@ -31,6 +32,7 @@ __all__ = [
     "EvaluationContext",
     "EvaluationResult",
     "ExampleOutputs",
+    "GenerationHead",
     "HeadOutput",
     "PooledHead",
     "RegressionHead",

@@ -54,11 +54,21 @@ class EvaluationContext:
 
     stage: ``val``, ``test`` or ``predict``; split: the dataloader's name (``validation``,
     ``matched``); datamodule: the running data module (it knows the split's examples).
+    sanity_check: Lightning's sanity check (a head may skip costly scoring then).
+    is_global_zero: this process is global rank 0. broadcast: rank 0's object to every rank
+    (identity in one process), for values that only rank 0 computes.
     """
 
     stage: str
     split: str
     datamodule: Any = None
+    sanity_check: bool = False
+    is_global_zero: bool = True
+    broadcast: Callable[[Any], Any] | None = None
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        return self.broadcast(value) if self.broadcast is not None else value
 
     def examples(self) -> Any:
         """The evaluated split's examples (a :class:`tasks.base.TextSplit`), or None when the
@@ -72,11 +82,13 @@ class EvaluationResult:
     """metrics: ``{name: value}`` for the fused prediction and ``{name/branch: value}`` for each
     branch alone (empty for unlabelled data). records: one JSON-ready dict per example (the
     ``predictions-<split>.jsonl`` format of the README). files: official-format files of the
-    task, ``{file name: JSON-ready object}`` (SQuAD's ``predictions.json``)."""
+    task, ``{file name: JSON-ready object}`` (SQuAD's ``predictions.json``). samples: a few
+    outputs as text, shown in TensorBoard (generated sentences)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
 
 
 class TaskHead(nn.Module):
@@ -98,6 +110,8 @@ class TaskHead(nn.Module):
     late_fusion: bool = True
     #: the transformers auto class that loads the backbone this kind needs
     auto_class: str = "AutoModel"
+    #: lambda of Eq. 14 when the config leaves it out (paper A.3: 0.2; generation: 0)
+    default_lambda_msb: float = 0.2
 
     def __init__(
         self, spec: TaskSpec, num_branches: int, hidden_size: int, dropout: float = 0.0
@@ -110,9 +124,19 @@ class TaskHead(nn.Module):
     def forward(self, representations: BranchRepresentations, batch: dict) -> HeadOutput:
         raise NotImplementedError
 
+    def attach(self, backbone: nn.Module) -> None:
+        """Called with the network's backbone once both are built (a head that drives part of
+        the backbone, such as a decoder, keeps a reference)."""
+
     def aggregation_loss(self, outputs: Tensor, rho_logits: Tensor | None, batch: dict) -> Tensor:
         """The task loss ``L_wa`` (Eq. 12), averaged over the batch."""
         raise NotImplementedError
+
+    def evaluation_loss(
+        self, outputs: Tensor, rho_logits: Tensor | None, batch: dict
+    ) -> Tensor | None:
+        """The loss logged for a labelled evaluation batch (``<stage>/loss``), or None."""
+        return self.aggregation_loss(outputs, rho_logits, batch)
 
     def allocation_distributions(
         self, outputs: Tensor, prior: Tensor, alpha: float, batch: dict

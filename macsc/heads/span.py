@@ -197,7 +197,8 @@ class SpanHead(TaskHead):
     """Extractive QA (SQuAD): start/end logits over the tokens for each branch (SPEC 3-4).
 
     The text branch reads ``H^t``, modality ``m`` reads ``Ĥ^t_m``: outputs ``(M, B, l, 2)``
-    (start, end). The batch padding is masked where the batch is known (loss, allocation,
+    (start, end); each branch's contrastive feature is that tensor at the backbone's sentence
+    position (SPEC 3 and 5). The batch padding is masked where the batch is known (loss, allocation,
     metrics). The batch must hold ``attention_mask``, ``start_positions``, ``end_positions``
     (``(B,)``), ``context_mask`` (``(B, l)`` bool: the positions an answer may take, context
     tokens and for v2 the CLS position) and ``feature_index`` (``(B,)``, for the metrics).
@@ -214,8 +215,8 @@ class SpanHead(TaskHead):
 
     def forward(self, representations: BranchRepresentations, batch: dict) -> HeadOutput:
         tokens = torch.stack([representations.text, *representations.enhanced_text])
-        text = representations.sentence(representations.text_branch)
-        pooled = torch.stack([text, *representations.pooled_prototypes()])
+        # each branch's contrastive feature pools the very tokens its span head reads
+        pooled = torch.stack([representations.sentence(states) for states in tokens])
         return HeadOutput(self.linear(self.dropout(tokens)), pooled)  # (M, B, l, 2)
 
     def aggregation_loss(self, outputs, rho_logits, batch):

@@ -187,28 +187,36 @@ def text_seed(text: str, salt: int = 0) -> int:
 class GaussianExtractor(PrototypeExtractor):
     """Gaussian noise of the shape of real prototypes (paper Table 5's noise ablation).
 
-    Each text gets its own generator seeded from the text, so the noise is a fixed function of
-    the text: the same sentence always gets the same "prototypes", as a frozen encoder would.
+    Each text gets its own generator seeded from the text, the ``seed`` and the ``stream``, so
+    the noise is a fixed function of the text: the same sentence always gets the same
+    "prototypes", as a frozen encoder would. The model sets ``stream`` to the modality's name,
+    so two modalities with the same options still get independent noise (Table 5's control is
+    one noise source per modality, not one source shared).
     """
 
-    def __init__(self, dim: int = 512, k: int = 8, seed: int = 0, std: float = 1.0, **_: Any):
+    def __init__(
+        self, dim: int = 512, k: int = 8, seed: int = 0, std: float = 1.0, stream: str = ""
+    ):
         super().__init__(k=k, trainable=False)
         if dim < 1:
             raise ConfigError(f"gaussian prototype option dim must be >= 1, got {dim}")
         self._dim = int(dim)
         self.seed = int(seed)
         self.std = float(std)
+        self.stream = str(stream)
 
     @property
     def dim(self) -> int:
         return self._dim
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "seed": self.seed, "std": self.std}
+        return {**super().identity(), "seed": self.seed, "std": self.std, "stream": self.stream}
 
     def _extract(self, texts: list[str]) -> Prototypes:
         features = torch.empty(len(texts), self.k, self._dim)
         for row, text in enumerate(texts):
-            generator = torch.Generator().manual_seed(text_seed(text, self.seed))
+            generator = torch.Generator().manual_seed(
+                text_seed(f"{self.stream}\x00{text}", self.seed)
+            )
             features[row] = torch.randn(self.k, self._dim, generator=generator) * self.std
         return Prototypes(features, torch.ones(len(texts), self.k, dtype=torch.bool))

@@ -1,0 +1,91 @@
+"""The concept enhancer against Eq. 2-3 written out by hand: one attention over [H^t ; P_m] with
+shared Q, K, V projections, the key-padding mask of both parts, then the residual and the
+LayerNorm (SPEC 2)."""
+
+import math
+
+import pytest
+import torch
+
+from macsc.fusion import ConceptEnhancer
+
+
+def eq2_by_hand(enhancer, text, text_mask, prototypes, prototype_mask):
+    """``LayerNorm(E + out_proj(softmax(Q K^T / sqrt(d_h)) V))`` per head, ``E = [H^t ; P_m]``,
+    ``P_m = Linear(H^m) + type_m``; padded keys get no weight."""
+    attention = enhancer.attention
+    d = text.shape[-1]
+    heads = attention.num_heads
+    head_dim = d // heads
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+    projected = (
+        prototypes @ enhancer.project.weight.T + enhancer.project.bias + enhancer.type_embedding
+    )
+    rows = torch.cat([text, projected], dim=1)  # E
+    keep = torch.cat([text_mask.bool(), prototype_mask.bool()], dim=1)
+    out = torch.zeros_like(rows)
+    for b in range(rows.shape[0]):
+        mixed = []
+        for h in range(heads):
+            part = slice(h * head_dim, (h + 1) * head_dim)
+            q = rows[b] @ w_q[part].T + b_q[part]
+            k = rows[b] @ w_k[part].T + b_k[part]
+            v = rows[b] @ w_v[part].T + b_v[part]
+            scores = q @ k.T / math.sqrt(head_dim)
+            scores[:, ~keep[b]] = float("-inf")
+            mixed.append(torch.softmax(scores, dim=-1) @ v)
+        attended = torch.cat(mixed, dim=-1) @ attention.out_proj.weight.T + attention.out_proj.bias
+        out[b] = enhancer.norm(rows[b] + attended)
+    length = text.shape[1]
+    return out[:, :length], out[:, length:]
+
+
+@pytest.fixture
+def inputs():
+    torch.manual_seed(0)
+    text = torch.randn(2, 5, 16, dtype=torch.double)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    prototypes = torch.randn(2, 3, 6, dtype=torch.double)
+    prototype_mask = torch.tensor([[True, True, False], [True, True, True]])
+    return text, text_mask, prototypes, prototype_mask
+
+
+def enhancer():
+    torch.manual_seed(1)
+    module = ConceptEnhancer(16, 6, num_heads=4, dropout=0.0).double().eval()
+    torch.nn.init.normal_(module.attention.in_proj_bias)
+    return module
+
+
+def test_enhancer_is_eq2_with_the_residual_and_layer_norm(inputs):
+    module = enhancer()
+    with torch.no_grad():
+        text_m, proto_m = module(*inputs)
+        want_text, want_proto = eq2_by_hand(module, *inputs)
+    torch.testing.assert_close(text_m, want_text, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(proto_m, want_proto, rtol=1e-10, atol=1e-10)
+
+
+def test_the_fast_rows_are_eq2_too(inputs):
+    module = enhancer()
+    rows = torch.tensor([[0], [2]])
+    with torch.no_grad():
+        text_m, proto_m = module(*inputs, text_rows=rows)
+        want_text, want_proto = eq2_by_hand(module, *inputs)
+    torch.testing.assert_close(text_m[:, 0], want_text[torch.arange(2), rows[:, 0]])
+    torch.testing.assert_close(proto_m, want_proto)
+
+
+def test_padded_keys_take_no_part(inputs):
+    text, text_mask, prototypes, prototype_mask = inputs
+    module = enhancer()
+    noisy_text, noisy_prototypes = text.clone(), prototypes.clone()
+    noisy_text[1, 3:] = 1e3  # padding rows of the text
+    noisy_prototypes[0, 2] = -1e3  # a padded prototype
+    with torch.no_grad():
+        clean = module(text, text_mask, prototypes, prototype_mask)
+        noisy = module(noisy_text, text_mask, noisy_prototypes, prototype_mask)
+    torch.testing.assert_close(noisy[0][1, :3], clean[0][1, :3])
+    torch.testing.assert_close(noisy[0][0], clean[0][0])
+    torch.testing.assert_close(noisy[1][:, :2], clean[1][:, :2])
