@@ -3,12 +3,14 @@ less than bf16 compute, and the collator gathers them without an intermediate co
 
 import pytest
 import torch
-from test_tasks_base import ListDataModule, pair_splits
+from torch.utils.data import DataLoader
 
 from macsc.model import MaCSC
 from macsc.prototypes import build_extractor, prototype_table
 from macsc.task import TaskSpec
-from tasks.base import gather_prototypes
+from tasks.base import Collator, gather_prototypes
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 PAPER_SHAPES = {
     "image": {"kind": "gaussian", "dim": 512, "k": 8},
@@ -18,6 +20,8 @@ PAPER_SHAPES = {
 
 
 def first_batch(model: MaCSC, tokenizer: str, dtype: str) -> dict:
+    from test_tasks_base import ListDataModule, pair_splits
+
     data = ListDataModule(pair_splits(8, 16), TaskSpec(num_labels=3), prototype_dtype=dtype)
     data.connect(tokenizer, dict(model.extractors.items()))
     return next(iter(data.val_dataloader()))
@@ -69,11 +73,36 @@ def test_gather_puts_the_same_rows_in_one_tensor_per_modality(tmp_path):
         assert torch.equal(out["mask"], torch.cat([e.mask for e in expected], dim=1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
-def test_gather_into_pinned_memory(tmp_path):
+@cuda
+def test_gather_into_pinned_memory_and_the_loader_copies_no_more(tmp_path):
     extractor = build_extractor("gaussian", dim=16, k=4)
-    tables = [prototype_table(extractor, ["x", "y"], progress=False, cache_dir=tmp_path)]
-    out = gather_prototypes(tables, torch.tensor([1, 0]), pin_memory=True)
-    assert out["features"].is_pinned() and out["mask"].is_pinned()
-    assert out["features"].pin_memory().data_ptr() == out["features"].data_ptr()  # no copy
-    assert torch.equal(out["features"], extractor.extract(["y", "x"]).features.half())
+    texts = ["x", "y", "z"]
+    tables = {"image": [prototype_table(extractor, texts, progress=False, cache_dir=tmp_path)]}
+    collator = Collator(0, [texts], tables)
+    made = []
+
+    def collate(items):
+        made.append(collator(items))
+        return made[-1]
+
+    items = [{"input_ids": [101, 7, 102], "example_index": i} for i in (2, 0)]
+    loader = DataLoader(items, batch_size=2, collate_fn=collate, pin_memory=True)
+    batch = next(iter(loader))
+    features = batch["prototypes"]["image"]["features"]
+    assert features.is_pinned() and batch["prototypes"]["image"]["mask"].is_pinned()
+    # the loader's own pinning found it pinned and kept it: one copy from the map, no second
+    assert features.data_ptr() == made[0]["prototypes"]["image"]["features"].data_ptr()
+    assert torch.equal(features, extractor.extract(["z", "x"]).features.half())
+
+
+@cuda
+def test_auto_stores_bfloat16_where_extraction_runs_in_bf16(tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU extracts in float16")
+    extractor = build_extractor("gaussian", dim=16, k=4)
+    texts = ["a cat", "a dog"]
+    on_gpu = prototype_table(extractor, texts, progress=False, cache_dir=tmp_path, device="cuda")
+    on_cpu = prototype_table(extractor, texts, progress=False, cache_dir=tmp_path, device="cpu")
+    assert on_gpu.features.dtype == torch.bfloat16 and on_cpu.features.dtype == torch.float16
+    assert on_gpu.path != on_cpu.path
+    assert torch.equal(on_gpu.features, extractor.extract(texts).features.bfloat16())

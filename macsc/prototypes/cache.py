@@ -216,21 +216,23 @@ def _extract_into(
                 with autocast:
                     out = extractor.extract(batch)
                 values = out.features.detach()
-                stored = values.to(features.dtype)
                 if features.dtype == torch.float16:
-                    _check_float16_range(extractor, values, stored)
+                    _check_float16_range(extractor, values)
                 stop = start + len(batch)
-                features[start:stop] = stored.cpu()
+                features[start:stop] = values.to(features.dtype).cpu()
                 mask[start:stop] = out.mask.detach().cpu()
                 bar.update(len(batch))
     finally:
         extractor.to(original)
 
 
-def _check_float16_range(extractor: PrototypeExtractor, values: Tensor, stored: Tensor) -> None:
-    overflow = torch.isinf(stored) & torch.isfinite(values)
-    if bool(overflow.any()):
-        largest = float(values[overflow].abs().max())
+def _check_float16_range(extractor: PrototypeExtractor, values: Tensor) -> None:
+    """A DataError if some of ``values`` would round to infinity in float16 (|x| >= 65520)."""
+    if not values.numel():
+        return
+    low, high = torch.aminmax(values.float())
+    largest = max(-float(low), float(high))
+    if largest >= 65520:
         raise DataError(
             f"{extractor.kind} prototypes reach |x| = {largest:.4g}, beyond float16's range "
             "(65504); set the data option prototype_dtype: bfloat16 (or float32)"
