@@ -27,7 +27,7 @@ linearly; the full-scale size is extrapolated from the larger. ``--full`` builds
 
 Targets: <= 18 GB at full scale, open <= 1 s per rank, batch read <= 2 ms.
 
-    python benchmarks/cache_scale.py [--scales 0.02 0.04] [--folder DIR]
+    python benchmarks/cache_scale.py [--scales 0.01 0.02] [--folder DIR]
     python benchmarks/cache_scale.py --full --folder DIR_WITH_20_GB_FREE
 """
 
@@ -311,7 +311,7 @@ def summary(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.02, 0.04])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.02])
     parser.add_argument("--full", action="store_true", help="build MNLI's full size (~17 GB)")
     parser.add_argument("--folder", type=Path, help="where to put the temporary cache folder")
     parser.add_argument("--reader", action="store_true", help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ def main() -> None:
     ):
         print(line, flush=True)
     print(data_path.run(pairs=10)["line"], flush=True)
-    print(cache_scale.summary(cache_scale.run([0.02, 0.04])), flush=True)
+    print(cache_scale.summary(cache_scale.run([0.01, 0.02])), flush=True)
     bert = step_overhead.run(pairs=4, memory_steps=2, shape="bert-base", warmup=1)
     print(bert["detail"], flush=True)
     print(step_overhead.summary(bert), flush=True)
