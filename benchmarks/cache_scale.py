@@ -16,8 +16,8 @@ linearly; the full-scale size is extrapolated from the larger. ``--full`` builds
   (:func:`macsc.prototypes.index_texts`, linear in the texts: extrapolated to full size) and open
   the six files (header, size, key and the sampled checksum; constant per file); median of 5;
 - batch read: :func:`tasks.base.gather_prototypes` of 32 random pairs, both segments, the three
-  sources (what the collator does), median of 300, with the files in the page cache (warm), and
-  after dropping them from it (``posix_fadvise(DONTNEED)``; cold: the first epoch's reads);
+  sources (what the collator does), median of 300, with the files in the page cache (warm; the
+  first epoch on a node reads each row from disk instead);
 - 8 readers: 8 processes each open the tables and read a value from every page of them, then
   wait; their proportional set sizes (``Pss`` of ``/proc/<pid>/smaps_rollup``, which divides a
   shared page among its mappers) are summed and set against their resident sets (``Rss``, each
@@ -110,30 +110,19 @@ def open_tables(segments: list[list[str]], folder: Path) -> tuple[dict, float]:
     return tables, texts_seconds
 
 
-def drop_from_page_cache(folder: Path) -> bool:
-    """Ask the kernel to drop the cache files' clean pages (only pages nobody maps go)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in folder.glob("*.protos"):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
-    return True
-
-
 def batch_seconds(tables: dict, pairs: int, count: int, seed: int = 0) -> list[float]:
-    """Seconds to gather each of ``count`` random batches (all sources, both segments)."""
+    """Seconds to gather each of ``count`` random batches (all sources, both segments), into
+    pinned memory where CUDA is, as the collator does."""
     from tasks.base import gather_prototypes
 
     generator = torch.Generator().manual_seed(seed)
+    pin = torch.cuda.is_available()
     times = []
     for _ in range(count):
         indices = torch.randint(pairs, (BATCH,), generator=generator)
         start = time.perf_counter()
         for segments in tables.values():
-            gather_prototypes(segments, indices)
+            gather_prototypes(segments, indices, pin)
         times.append(time.perf_counter() - start)
     return times
 
@@ -258,15 +247,10 @@ def run(scales: list[float], folder: Path | None = None) -> dict:
         batch_seconds(tables, pairs, 20)  # warm-up
         warm = statistics.median(batch_seconds(tables, pairs, 300, seed=1))
         del tables
-        cold = None
-        if drop_from_page_cache(folder):
-            tables, _ = open_tables(list(mnli_like(scale)), folder)
-            cold = statistics.median(batch_seconds(tables, pairs, 50, seed=2))
-            del tables
         memory = reader_memory(folder, scale)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    return {"builds": builds, "open": opened, "warm": warm, "cold": cold, "memory": memory}
+    return {"builds": builds, "open": opened, "warm": warm, "memory": memory}
 
 
 def summary(result: dict) -> str:
@@ -294,11 +278,9 @@ def summary(result: dict) -> str:
         f"prototype cache at MNLI scale: {full / 1e9:.1f} GB ({sized}; target <= 18 GB); "
         f"build {build_times} ({largest['bytes'] / 1e9 / largest['seconds']:.2f} GB/s, "
         f"Gaussian extraction included); {opening} (target <= 1 s); batch read "
-        f"{result['warm'] * 1e3:.2f} ms warm"
+        f"{result['warm'] * 1e3:.2f} ms (batch {BATCH}, 2 segments x 3 sources, page cache "
+        "warm; target <= 2 ms)"
     )
-    if result["cold"] is not None:
-        line += f", {result['cold'] * 1e3:.1f} ms cold"
-    line += f" (batch {BATCH}, 2 segments x 3 sources; target <= 2 ms)"
     if memory is not None:
         files = largest["bytes"]
         line += (
