@@ -17,7 +17,7 @@ Storage. Prototypes are stored in half precision unless asked otherwise (``dtype
 autocast and ``float16`` otherwise): at MNLI's size (~520k segments, k = 8, widths 512 + 1024 +
 512) that is ~17 GB instead of ~34 GB. The model casts them to its compute dtype in the
 enhancer's projection; float16 rounds to 11 significant bits, less than bf16 compute changes
-(``tests/test_cache_scale.py``). A float16 entry refuses prototypes beyond float16's range
+(``tests/test_prototype_storage.py``). A float16 entry refuses prototypes beyond float16's range
 (65504) instead of storing infinities.
 
 Layout. One cache entry holds the prototypes of one text list's *distinct* texts, in order of
