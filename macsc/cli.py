@@ -2,7 +2,8 @@
 
 ``macsc fit|validate|test|predict --config FILE`` is a LightningCLI over :class:`macsc.model.MaCSC`
 and any data module of :mod:`tasks`; ``macsc prototypes --config FILE`` fills the prototype cache
-ahead of training; ``macsc squad-eval ...`` is the official-style SQuAD evaluation;
+ahead of training (and with ``--verify`` checks its files in full); ``macsc squad-eval ...`` is
+the official-style SQuAD evaluation;
 ``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does;
 ``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.report`,
 :mod:`macsc.overlap`, :mod:`macsc.weights`);
@@ -17,6 +18,10 @@ from pathlib import Path
 
 USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc prototypes --config FILE     fill the prototype cache ahead of training
+       macsc prototypes [--config FILE | --cache_dir DIR] --verify
+                                          check every cache file the config uses (or every file
+                                          in the folder, default $MACSC_CACHE or ~/.cache/macsc)
+                                          against its full checksum; exit status 1 if one is damaged
        macsc squad-eval DATA_JSON PRED_JSON [-n NA_PROB_JSON] [-t T] [-o FILE] [-p DIR] [-v]
                         [--missing-as-wrong] [--version 2.0|1.1]   the official SQuAD scores
        macsc commongen-eval REFERENCES PREDICTIONS   BLEU-4, METEOR, ROUGE-L, CIDEr, coverage (JSON)
@@ -275,13 +280,75 @@ def run_lightning(args: list[str] | None, run: bool = True):
     )
 
 
-def fill_prototype_cache(args: list[str]) -> None:
-    """``macsc prototypes --config FILE``: build the model's extractors and fill the cache."""
+def prototypes_command(args: list[str]) -> int:
+    """``macsc prototypes --config FILE [--verify]``: build the model's extractors and fill the
+    cache; with ``--verify``, then read every file the config uses against its full checksum.
+    ``macsc prototypes --verify [--cache_dir DIR]``: check every file in the cache folder."""
+    verify = "--verify" in args
+    args = [arg for arg in args if arg != "--verify"]
+    if verify and not any(arg == "--config" or arg.startswith("--config=") for arg in args):
+        return report_cache_files(_cache_files_in(args))
     cli = run_lightning(args, run=False)
     cli.datamodule.prepare_data()
+    modalities = ", ".join(cli.model.modalities[1:]) or "no modality"
+    print(f"prototype cache ready for {type(cli.datamodule).__name__} ({modalities})")
+    if not verify:
+        return 0
+    # the tables prepare_data opened (MaCSCDataModule keeps them per split and modality)
+    tables = getattr(cli.datamodule, "_tables", {})
+    paths = [
+        table.path
+        for by_modality in tables.values()
+        for segments in by_modality.values()
+        for table in segments
+        if table.path is not None
+    ]
+    return report_cache_files(paths)
+
+
+def _cache_files_in(args: list[str]) -> list[Path]:
+    """The files of ``--cache_dir DIR`` (default: the cache folder), the only other option."""
+    from .errors import ConfigError
+    from .prototypes import cache_files, resolve_cache_dir
+
+    folder = None
+    if len(args) == 2 and args[0] == "--cache_dir":
+        folder = args[1]
+    elif len(args) == 1 and args[0].startswith("--cache_dir="):
+        folder = args[0].split("=", 1)[1]
+    elif args:
+        raise ConfigError(
+            f"macsc prototypes --verify takes --config FILE or --cache_dir DIR, not {args}"
+        )
+    path = resolve_cache_dir(folder)
+    if not path.is_dir():
+        raise ConfigError(f"the prototype cache folder {str(path)!r} does not exist")
+    return cache_files(path)
+
+
+def report_cache_files(paths: list[Path]) -> int:
+    """Check each file in full, print one line each and a total; 1 if one is damaged."""
+    from .prototypes import verify_cache_file
+
+    counts = {"ok": 0, "damaged": 0, "stale": 0}
+    for path in paths:
+        check = verify_cache_file(path)
+        counts[check.status] += 1
+        if check.status == "ok":
+            print(f"ok       {path} ({check.texts} texts, {check.nbytes / 1e9:.2f} GB)")
+        else:
+            print(f"{check.status:<8} {path}: {check.reason}")
     print(
-        f"prototype cache ready for {type(cli.datamodule).__name__} ({', '.join(cli.model.modalities[1:]) or 'no modality'})"
+        f"{len(paths)} prototype cache files checked: {counts['ok']} ok, "
+        f"{counts['damaged']} damaged, {counts['stale']} stale"
     )
+    if counts["damaged"]:
+        print(
+            "delete each damaged file; the next `macsc prototypes --config FILE` or run that "
+            "uses it rebuilds it",
+            file=sys.stderr,
+        )
+    return 1 if counts["damaged"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return int(import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
         if argv[0] == "prototypes":
-            fill_prototype_cache(argv[1:])
-            return 0
+            return prototypes_command(argv[1:])
         # LightningCLI warns when given args while sys.argv has some too
         run_lightning(None if from_command_line else argv)
         return 0

@@ -13,9 +13,10 @@ A batch is a dict, padded to the longest sequence in the batch:
   split;
 - ``example_index`` ``(B,)`` long, the position of each example in its split (after
   ``data_fraction``), so predictions can be written back in order;
-- ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m) float, "mask": (B, n_seg * k)
-  bool}}`` for every cacheable extractor; the segments' prototypes are concatenated along the
-  token axis in segment order (SPEC 1.7);
+- ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m), "mask": (B, n_seg * k)
+  bool}}`` for every cacheable extractor, features in the cache's storage dtype
+  (``prototype_dtype``); the segments' prototypes are concatenated along the token axis in
+  segment order (SPEC 1.7);
 - ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
   no entry in ``prototypes``; the model extracts from the texts).
 """
@@ -31,11 +32,17 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from macsc.allocation import nearest_bin
 from macsc.errors import ConfigError, DataError
-from macsc.prototypes import PrototypeExtractor, PrototypeTable, prototype_table
+from macsc.prototypes import (
+    PrototypeExtractor,
+    PrototypeTable,
+    check_storage_dtype,
+    index_texts,
+    prototype_table,
+)
 from macsc.task import TaskSpec
 
 from .sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
@@ -125,16 +132,29 @@ def real_positions(lengths: list[int]) -> Tensor:
     return torch.arange(max(lengths, default=0)) < torch.tensor(lengths, dtype=torch.long)[:, None]
 
 
-def gather_prototypes(tables: list[PrototypeTable], indices: Tensor) -> dict[str, Tensor]:
+def gather_prototypes(
+    tables: list[PrototypeTable], indices: Tensor, pin_memory: bool = False
+) -> dict[str, Tensor]:
     """Prototypes of examples ``indices`` (``(B,)``), one table per segment, concatenated.
 
-    Returns ``features`` ``(B, n_seg * k, d)`` float and ``mask`` ``(B, n_seg * k)`` bool.
+    Returns ``features`` ``(B, n_seg * k, d)`` in the tables' storage dtype (the model casts
+    them to its compute dtype) and ``mask`` ``(B, n_seg * k)`` bool. The rows are gathered from
+    the (memory-mapped) tables straight into one output tensor each, in page-locked memory when
+    ``pin_memory``, so a batch is copied once on its way from the map to the device.
     """
-    parts = [table.lookup(indices) for table in tables]
-    return {
-        "features": torch.cat([part.features for part in parts], dim=1).float(),
-        "mask": torch.cat([part.mask for part in parts], dim=1).bool(),
-    }
+    count, k = int(indices.numel()), tables[0].features.shape[1]
+    features = torch.empty(
+        (count, len(tables) * k, tables[0].features.shape[2]),
+        dtype=tables[0].features.dtype,
+        pin_memory=pin_memory,
+    )
+    mask = torch.empty((count, len(tables) * k), dtype=torch.bool, pin_memory=pin_memory)
+    for segment, table in enumerate(tables):
+        rows = table.rows[indices]
+        part = slice(segment * k, (segment + 1) * k)
+        torch.index_select(table.features, 0, rows, out=features[:, part])
+        torch.index_select(table.mask, 0, rows, out=mask[:, part])
+    return {"features": features, "mask": mask}
 
 
 @dataclass
@@ -143,11 +163,14 @@ class Collator:
 
     pad_token_id: the tokenizer's padding id. segments: the split's texts, per segment column.
     tables: modality -> one :class:`PrototypeTable` per segment column, rows = split examples.
+    pin_memory: gather prototypes into page-locked memory when CUDA is available, except in a
+    DataLoader worker process (whose batches the loader copies into shared memory anyway).
     """
 
     pad_token_id: int
     segments: list[list[str]]
     tables: dict[str, list[PrototypeTable]]
+    pin_memory: bool = True
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [item["input_ids"] for item in items]
@@ -160,8 +183,10 @@ class Collator:
         for name in items[0].keys() - set(PADDED_FIELDS):
             batch[name] = torch.tensor([item[name] for item in items])
         indices = batch["example_index"]
+        pin = self.pin_memory and torch.cuda.is_available() and get_worker_info() is None
         batch["prototypes"] = {
-            modality: gather_prototypes(tables, indices) for modality, tables in self.tables.items()
+            modality: gather_prototypes(tables, indices, pin)
+            for modality, tables in self.tables.items()
         }
         batch["segments"] = [[texts[i] for i in indices.tolist()] for texts in self.segments]
         return batch
@@ -181,6 +206,8 @@ class MaCSCDataModule(L.LightningDataModule):
         prototype_batch_size: texts per extractor call when filling the prototype cache.
         cache_dir: prototype cache folder; None uses ``$MACSC_CACHE`` or ``~/.cache/macsc``,
             False turns the on-disk cache off.
+        prototype_dtype: how prototypes are stored, ``auto`` (bfloat16 where extraction runs
+            in bf16, else float16), ``float16``, ``bfloat16`` or ``float32``; part of the key.
         group_by_length: batch training examples of similar length together (faster).
         pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
         test_on: the split ``trainer.test`` evaluates, ``validation`` (labelled) or ``test``.
@@ -197,6 +224,7 @@ class MaCSCDataModule(L.LightningDataModule):
         seed: int = 42,
         prototype_batch_size: int = 64,
         cache_dir: str | bool | None = None,
+        prototype_dtype: str = "auto",
         group_by_length: bool = False,
         pin_memory: bool | None = None,
         test_on: str = "validation",
@@ -229,6 +257,7 @@ class MaCSCDataModule(L.LightningDataModule):
         self.seed = seed
         self.prototype_batch_size = prototype_batch_size
         self.cache_dir = cache_dir
+        self.prototype_dtype = check_storage_dtype(prototype_dtype)
         self.group_by_length = group_by_length
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.test_on = test_on
@@ -428,6 +457,10 @@ class MaCSCDataModule(L.LightningDataModule):
             # the same device on every rank and in prepare_data and setup: the extraction
             # precision (bf16 on CUDA) is part of the cache key, so ranks find rank 0's entries
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+            options["dtype"] = self.prototype_dtype
+            cacheable = {m: e for m, e in self.extractors.items() if e.cacheable}
+            # deduplicated once per segment column, whatever the number of extractors
+            segments = [index_texts(texts) for texts in split.segments] if cacheable else []
             self._tables[name] = {
                 modality: [
                     prototype_table(
@@ -438,10 +471,9 @@ class MaCSCDataModule(L.LightningDataModule):
                         description=f"{modality} prototypes, {name} segment {i + 1}",
                         **options,
                     )
-                    for i, texts in enumerate(split.segments)
+                    for i, texts in enumerate(segments)
                 ]
-                for modality, extractor in self.extractors.items()
-                if extractor.cacheable
+                for modality, extractor in cacheable.items()
             }
         return self._tables[name]
 

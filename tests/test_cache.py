@@ -11,12 +11,16 @@ import pytest
 import torch
 from test_prototypes_clip import audioclip_state
 
+from macsc.errors import ConfigError, DataError
 from macsc.prototypes import (
     GaussianExtractor,
     build_extractor,
     build_prototype_cache,
     prototype_table,
+    sampled_ranges,
+    verify_cache_file,
 )
+from macsc.prototypes.cache import SAMPLE_BLOCK_BYTES, SAMPLE_BLOCKS
 
 TEXTS = ["a cat", "a dog", "a cat", "", "rain on a tin roof", "a dog"]
 
@@ -51,9 +55,10 @@ def audioclip(tmp_path):
 
 def test_cached_prototypes_are_bit_identical_to_uncached_ones(audioclip, tmp_path):
     extractor, _ = audioclip
-    plain = prototype_table(extractor, TEXTS, batch_size=2, progress=False, cache_dir=False)
-    built = prototype_table(extractor, TEXTS, batch_size=2, progress=False, cache_dir=tmp_path)
-    read = prototype_table(extractor, TEXTS, batch_size=2, progress=False, cache_dir=tmp_path)
+    options = {"batch_size": 2, "progress": False, "dtype": "float32"}
+    plain = prototype_table(extractor, TEXTS, cache_dir=False, **options)
+    built = prototype_table(extractor, TEXTS, cache_dir=tmp_path, **options)
+    read = prototype_table(extractor, TEXTS, cache_dir=tmp_path, **options)
     assert plain.path is None and built.path == read.path and len(entries(tmp_path)) == 1
     for table in (built, read):
         assert torch.equal(table.features, plain.features) and torch.equal(table.mask, plain.mask)
@@ -99,6 +104,79 @@ def test_damaged_cache_file_is_rebuilt_not_read(damage, tmp_path):
     assert extractor.extracted == before + 4
     assert torch.equal(table.features, expected.features)
     assert path.stat().st_size == len(path.read_bytes()) and entries(tmp_path) == [path]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        value = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([value ^ 0xFF]))
+
+
+def test_stored_in_half_precision_by_default_and_the_dtype_is_part_of_the_key(tmp_path):
+    extractor = CountingGaussian(dim=8, k=3)
+    exact = GaussianExtractor(dim=8, k=3).extract(["a cat", "a dog", "", "rain on a tin roof"])
+    rows = [0, 1, 0, 2, 3, 1]  # TEXTS' distinct rows
+    paths = {}
+    for dtype, expected, itemsize in (
+        ("float16", exact.features.half(), 2),
+        ("bfloat16", exact.features.bfloat16(), 2),
+        ("float32", exact.features, 4),
+    ):
+        built = prototype_table(extractor, TEXTS, progress=False, cache_dir=tmp_path, dtype=dtype)
+        read = prototype_table(extractor, TEXTS, progress=False, cache_dir=tmp_path, dtype=dtype)
+        assert built.features.dtype == read.features.dtype == expected.dtype
+        assert torch.equal(read.lookup(list(range(6))).features, expected[rows])
+        # header, then U x k x d values of the dtype, then the U x k mask bytes
+        assert read.path.stat().st_size == 4096 + 4 * 3 * 8 * itemsize + 4 * 3
+        paths[dtype] = read.path
+    assert len(set(paths.values())) == 3 and extractor.extracted == 3 * 4
+    auto = prototype_table(extractor, TEXTS, progress=False, cache_dir=tmp_path)
+    assert auto.path == paths["float16"]  # extraction ran in float32 here: auto stores float16
+    plain = prototype_table(extractor, TEXTS, progress=False, cache_dir=False)
+    assert plain.features.dtype == torch.float16 and torch.equal(plain.features, auto.features)
+    with pytest.raises(ConfigError, match="prototype_dtype='half'.*float16"):
+        prototype_table(extractor, TEXTS, progress=False, cache_dir=tmp_path, dtype="half")
+
+
+def test_float16_storage_refuses_values_beyond_its_range(tmp_path):
+    loud = GaussianExtractor(dim=8, k=3, std=1e6)
+    with pytest.raises(DataError, match="beyond float16's range.*prototype_dtype: bfloat16"):
+        prototype_table(loud, TEXTS, progress=False, cache_dir=tmp_path)
+    assert not entries(tmp_path)
+    table = prototype_table(loud, TEXTS, progress=False, cache_dir=tmp_path, dtype="bfloat16")
+    assert torch.isfinite(table.features.float()).all()
+
+
+def test_open_checks_sampled_blocks_and_verify_reads_every_byte(tmp_path):
+    texts = [f"sentence {i}" for i in range(200)]
+    extractor = CountingGaussian(dim=512, k=8)
+    expected = GaussianExtractor(dim=512, k=8).extract(texts).features.half()
+    path = build_prototype_cache(extractor, texts, progress=False, cache_dir=tmp_path)
+    size = path.stat().st_size  # 4096 + 200 * 8 * 512 * 2 + 1600: ~100 blocks, more than sampled
+    ranges = sampled_ranges(path)
+    assert len(ranges) == SAMPLE_BLOCKS and (size - 4096) > SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES
+    assert ranges[0][0] == 4096 and sum(ranges[-1]) == size  # the first and the last block
+    assert verify_cache_file(path).status == "ok"
+
+    # A flipped byte inside a sampled block: caught at open, the entry is rebuilt.
+    offset, length = ranges[len(ranges) // 2]
+    flip_byte(path, offset + length // 2)
+    with pytest.warns(UserWarning, match="sampled blocks.*rebuilding"):
+        table = prototype_table(extractor, texts, progress=False, cache_dir=tmp_path)
+    assert extractor.extracted == 2 * len(texts)
+    assert torch.equal(table.lookup(list(range(200))).features, expected)
+
+    # Outside the sample: the open reads only ~1 MiB and does not see it (the documented limit);
+    # the full check of --verify does.
+    sampled = {(o - 4096) // SAMPLE_BLOCK_BYTES for o, _ in sampled_ranges(path)}
+    unsampled = next(b for b in range(1, (size - 4096) // SAMPLE_BLOCK_BYTES) if b not in sampled)
+    flip_byte(path, 4096 + unsampled * SAMPLE_BLOCK_BYTES + 100)
+    prototype_table(extractor, texts, progress=False, cache_dir=tmp_path)
+    assert extractor.extracted == 2 * len(texts)
+    check = verify_cache_file(path)
+    assert check.status == "damaged" and "checksum" in check.reason
 
 
 def test_key_follows_options_texts_and_checkpoint_content(audioclip, tmp_path):
@@ -178,7 +256,7 @@ def test_two_processes_building_one_entry_both_get_correct_prototypes(tmp_path):
     finally:
         for w in workers:
             w.kill()
-    expected = GaussianExtractor(dim=16, k=2).extract(texts).features
+    expected = GaussianExtractor(dim=16, k=2).extract(texts).features.half()
     import numpy as np
 
     for name in ("a", "b"):
@@ -223,6 +301,6 @@ def test_build_killed_midway_leaves_no_entry_and_the_next_run_rebuilds_it(tmp_pa
     extractor = CountingGaussian(dim=16, k=2)
     table = prototype_table(extractor, texts, progress=False, cache_dir=cache)
     assert extractor.extracted == len(texts)  # rebuilt from scratch, nothing of the partial read
-    expected = GaussianExtractor(dim=16, k=2).extract(texts).features
+    expected = GaussianExtractor(dim=16, k=2).extract(texts).features.half()
     assert torch.equal(table.lookup(list(range(len(texts)))).features, expected)
     assert len(entries(cache)) == 1 and not list(cache.glob(".*.tmp"))  # the leftover is gone

@@ -296,3 +296,36 @@ def test_predict_writes_one_line_per_example_by_default(demo_run, tiny_backbone,
     assert lines[0]["text"].endswith(".") and lines[0]["gold"] in {"cool", "warm"}
     assert set(lines[0]["branches"]) == {"text", "image", "audio", "video"}
     assert not list(written.parent.glob("metrics-*.json"))  # nothing is scored in predict
+
+
+def test_prototypes_verify_reports_each_file_ok_or_damaged(tiny_backbone, tmp_path, capsys):
+    from macsc.prototypes import sampled_ranges
+
+    cache = tmp_path / "cache"
+    # image prototypes of the paper's shape: the train file (800 texts) is larger than the
+    # sample that every open checks
+    prototypes = json.loads(SMALL_PROTOTYPES) | {"image": {"kind": "gaussian", "dim": 512, "k": 8}}
+    args = demo_args(tiny_backbone, tmp_path, "--data.init_args.cache_dir", str(cache))
+    args += ["--model.prototypes", json.dumps(prototypes)]
+    assert main(["prototypes", *args, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nok ") == 6 and "6 prototype cache files checked: 6 ok, 0 damaged" in out
+
+    largest = max(cache.glob("*.protos"), key=lambda p: p.stat().st_size)
+    data_end = largest.stat().st_size - 800 * 8  # the mask follows the features
+    sampled = [range(offset, offset + length) for offset, length in sampled_ranges(largest)]
+    offset = next(o for o in range(4096, data_end, 4096) if not any(o in r for r in sampled))
+    with open(largest, "r+b") as handle:  # damage the open does not see (it reads the sample)
+        handle.seek(offset)
+        handle.write(b"\xff\xff")
+    assert main(["prototypes", *args, "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged  {largest}: its data does not match the checksum" in out
+    assert "6 prototype cache files checked: 5 ok, 1 damaged" in out
+
+    # without a config: every file in the folder
+    (cache / "image-old.protos").write_bytes(b"MACSC-PROTOTYPES\n" + b'{"format": 1}'.ljust(4079))
+    assert main(["prototypes", "--verify", "--cache_dir", str(cache)]) == 1
+    captured = capsys.readouterr()
+    assert "7 prototype cache files checked: 5 ok, 1 damaged, 1 stale" in captured.out
+    assert "stale    " in captured.out and "delete each damaged file" in captured.err

@@ -115,7 +115,7 @@ def test_prototypes_are_the_question_then_the_context(v2):
     assert features.shape == (len(data.features["example_id"]), 2 * K, 8)
     for row, qid in enumerate(data.features["example_id"]):
         context, question, _ = QUESTIONS[qid]
-        expected = extractor.extract([question, context]).features
+        expected = extractor.extract([question, context]).features.half()  # stored in float16
         assert torch.equal(features[row, :K], expected[0])
         assert torch.equal(features[row, K:], expected[1])
     # one row per distinct text: the long context shared by three questions is extracted once

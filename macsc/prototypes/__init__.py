@@ -15,7 +15,19 @@ from .base import (
     build_extractor,
     register_extractor,
 )
-from .cache import PrototypeTable, build_prototype_cache, prototype_table, resolve_cache_dir
+from .cache import (
+    CacheFileCheck,
+    IndexedTexts,
+    PrototypeTable,
+    build_prototype_cache,
+    cache_files,
+    check_storage_dtype,
+    index_texts,
+    prototype_table,
+    resolve_cache_dir,
+    sampled_ranges,
+    verify_cache_file,
+)
 from .clip_text import ClipTextExtractor
 from .clip_vip import ClipVipExtractor
 from .hf_source import HuggingFaceExtractor
@@ -25,10 +37,12 @@ from .windowed import TokenPrototypeExtractor
 
 __all__ = [
     "AudioClipExtractor",
+    "CacheFileCheck",
     "ClipTextExtractor",
     "ClipVipExtractor",
     "GaussianExtractor",
     "HuggingFaceExtractor",
+    "IndexedTexts",
     "OpenClipExtractor",
     "PrototypeExtractor",
     "PrototypeTable",
@@ -37,8 +51,13 @@ __all__ = [
     "available_extractors",
     "build_extractor",
     "build_prototype_cache",
+    "cache_files",
+    "check_storage_dtype",
+    "index_texts",
     "prototype_table",
     "register_extractor",
     "resolve_cache_dir",
+    "sampled_ranges",
     "select_top_k",
+    "verify_cache_file",
 ]
