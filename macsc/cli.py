@@ -288,22 +288,44 @@ def prototypes_command(args: list[str]) -> int:
     args = [arg for arg in args if arg != "--verify"]
     if verify and not any(arg == "--config" or arg.startswith("--config=") for arg in args):
         return report_cache_files(_cache_files_in(args))
-    cli = run_lightning(args, run=False)
+    import warnings
+
+    with warnings.catch_warnings():  # the arguments come from our command line, not Python
+        warnings.filterwarnings(
+            "ignore", message=".*args parameter is intended to run from within Python"
+        )
+        cli = run_lightning(args, run=False)
     cli.datamodule.prepare_data()
-    modalities = ", ".join(cli.model.modalities[1:]) or "no modality"
-    print(f"prototype cache ready for {type(cli.datamodule).__name__} ({modalities})")
+    tables = cli.datamodule.prototype_tables()
+    print(cache_summary(cli.datamodule.cache_dir, tables))
     if not verify:
         return 0
-    # the tables prepare_data opened (MaCSCDataModule keeps them per split and modality)
-    tables = getattr(cli.datamodule, "_tables", {})
-    paths = [
-        table.path
-        for by_modality in tables.values()
-        for segments in by_modality.values()
-        for table in segments
-        if table.path is not None
-    ]
-    return report_cache_files(paths)
+    return report_cache_files([t.path for ts in tables.values() for t in ts if t.path])
+
+
+def cache_summary(cache_dir, tables: dict) -> str:
+    """What ``macsc prototypes`` did: per modality, the cache files read (hits) and built
+    (misses), the size written, and the folder -- or that nothing was stored."""
+    from .prototypes import resolve_cache_dir
+
+    folder = resolve_cache_dir(cache_dir)
+    lines = []
+    written = 0
+    for modality, entries in tables.items():
+        built = [t for t in entries if t.built]
+        size = sum(t.path.stat().st_size for t in built if t.path is not None)
+        written += size
+        lines.append(
+            f"  {modality}: {len(entries) - len(built)} read from the cache, {len(built)} "
+            f"extracted" + (f" ({size / 2**20:.1f} MiB written)" if size else "")
+        )
+    if folder is None:
+        head = "prototypes extracted but not stored: the cache is off (data cache_dir: false)"
+    elif not tables:
+        head = f"nothing to cache (no frozen prototype extractor); cache folder {folder}"
+    else:
+        head = f"prototype cache {folder}: {written / 2**20:.1f} MiB written"
+    return "\n".join([head, *lines])
 
 
 def _cache_files_in(args: list[str]) -> list[Path]:

@@ -223,7 +223,7 @@ class MaCSCDataModule(L.LightningDataModule):
         data_fraction: float = 1.0,
         seed: int = 42,
         prototype_batch_size: int = 64,
-        cache_dir: str | bool | None = None,
+        cache_dir: bool | str | None = None,
         prototype_dtype: str = "auto",
         group_by_length: bool = False,
         pin_memory: bool | None = None,
@@ -406,6 +406,14 @@ class MaCSCDataModule(L.LightningDataModule):
         if spec.kind == "regression":
             return nearest_bin(labels, spec.label_bins)
         return labels.long()
+
+    def prototype_tables(self) -> dict[str, list[PrototypeTable]]:
+        """Every prototype table opened so far, by modality (all splits and segments)."""
+        tables: dict[str, list[PrototypeTable]] = {}
+        for by_modality in self._tables.values():
+            for modality, segments in by_modality.items():
+                tables.setdefault(modality, []).extend(segments)
+        return tables
 
     def evaluated_split_name(self, stage: str, name: str) -> str:
         """The split evaluated as ``name`` (a ``task_spec.val_names`` entry) in ``stage``

@@ -278,10 +278,22 @@ def test_prototypes_command_fills_the_cache_ahead_of_training(tiny_backbone, tmp
     cache = tmp_path / "cache"
     args = demo_args(tiny_backbone, tmp_path, "--data.init_args.cache_dir", str(cache))
     assert main(["prototypes", *args]) == 0
-    assert "prototype cache ready" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "args parameter is intended" not in captured.err
     # one entry per (modality, split, segment): 3 modalities x (train, validation) x 1 segment
     entries = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert len(entries) == 6, sorted(p.name for p in entries)
+    written = sum(p.stat().st_size for p in entries) / 2**20
+    assert f"prototype cache {cache}: {written:.1f} MiB written" in captured.out
+    assert "  image: 0 read from the cache, 2 extracted" in captured.out
+    assert main(["prototypes", *args]) == 0  # again: every table is a hit
+    out = capsys.readouterr().out
+    assert "0.0 MiB written" in out and "  audio: 2 read from the cache, 0 extracted" in out
+    # the cache off: nothing stored, and it says so (`false` is the boolean, not a folder name)
+    off = demo_args(tiny_backbone, tmp_path, "--data.init_args.cache_dir", "false")
+    assert main(["prototypes", *off]) == 0
+    assert "prototypes extracted but not stored: the cache is off" in capsys.readouterr().out
+    assert not (Path.cwd() / "false").exists()
 
 
 def test_predict_writes_one_line_per_example_by_default(demo_run, tiny_backbone, tmp_path):
@@ -329,3 +341,44 @@ def test_prototypes_verify_reports_each_file_ok_or_damaged(tiny_backbone, tmp_pa
     captured = capsys.readouterr()
     assert "7 prototype cache files checked: 5 ok, 1 damaged, 1 stale" in captured.out
     assert "stale    " in captured.out and "delete each damaged file" in captured.err
+
+
+def test_ckpt_path_to_a_folder_or_a_yaml_file_names_what_it_is(
+    demo_run, tiny_backbone, tmp_path, capsys
+):
+    folder = next(demo_run.rglob("last.ckpt")).parent
+    assert main(["test", *demo_args(tiny_backbone, tmp_path, "--ckpt_path", str(folder))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and f"checkpoint {str(folder)!r} is a folder, not a checkpoint file" in err[0]
+    )
+    assert "last.ckpt" in err[0]  # what it holds
+    hparams = next(demo_run.rglob("hparams.yaml"))
+    assert main(["test", *demo_args(tiny_backbone, tmp_path, "--ckpt_path", str(hparams))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a YAML file (it starts" in err[0]
+    assert "not a PyTorch checkpoint" in err[0] and "weights_only" not in err[0]
+
+
+def test_default_root_dir_decides_where_runs_go(tiny_backbone, tmp_path):
+    args = demo_args(tiny_backbone, tmp_path)
+    at = args.index("--trainer.logger.init_args.save_dir")
+    del args[at : at + 2]  # the config's save_dir: runs, relative
+    root = tmp_path / "root"
+    assert (
+        main(["fit", *args, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1"])
+        == 0
+    )
+    assert list(root.glob("runs/demo/version_0/checkpoints/*.ckpt"))
+
+
+def test_a_failed_evaluation_leaves_no_empty_run_folder(demo_run, tiny_backbone, tmp_path, capsys):
+    saved = torch.load(next(demo_run.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    del saved["state_dict"]["head.linear.bias"]  # fails when the weights load, after setup
+    broken = tmp_path / "broken.ckpt"
+    torch.save(saved, broken)
+    runs = tmp_path / "runs"
+    args = demo_args(tiny_backbone, runs, "--ckpt_path", str(broken))
+    assert main(["validate", *args]) == 2
+    assert "missing keys ['head.linear.bias']" in capsys.readouterr().err
+    assert not list(runs.glob("demo/version_*"))

@@ -89,13 +89,15 @@ class PrototypeTable:
     features: ``(U, k, d)`` in the storage dtype (float16 unless asked otherwise), mask:
     ``(U, k)`` bool, for the U distinct texts; rows: ``(N,)`` long, the row of ``features`` that
     holds the i-th text given to :func:`prototype_table`. ``path`` is the cache file the
-    features are memory-mapped from (None when computed in memory).
+    features are memory-mapped from (None when computed in memory). ``built``: extracted by the
+    call that made this table (a cache miss), not read from the cache.
     """
 
     features: Tensor
     mask: Tensor
     rows: Tensor
     path: Path | None = None
+    built: bool = False
 
     def __len__(self) -> int:
         return int(self.rows.numel())
@@ -489,14 +491,15 @@ def _cached_entry(
     device: torch.device,
     dtype: str,
     **extract_options: Any,
-) -> tuple[Tensor, Tensor, Path]:
-    """The entry of ``texts`` in ``folder``, built first if missing or unusable."""
+) -> tuple[Tensor, Tensor, Path, bool]:
+    """The entry of ``texts`` in ``folder``, built first if missing or unusable; the last
+    value says whether it was built by this call."""
     key = cache_key(extractor, texts.digest, _precision(device), dtype)
     path = folder / f"{extractor.kind}-{key[:32]}.protos"
     shape = (key, len(texts.distinct), extractor.k, extractor.dim, dtype)
     entry = _open_entry(path, *shape)
     if isinstance(entry, tuple):
-        return (*entry, path)
+        return (*entry, path, False)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -507,7 +510,7 @@ def _cached_entry(
     with _locked(path) as exclusive:
         entry = _open_entry(path, *shape)  # another process may have built it while we waited
         if isinstance(entry, tuple):
-            return (*entry, path)
+            return (*entry, path, False)
         if exclusive:
             _remove_stale_temporaries(path)
         if entry != "missing":
@@ -521,7 +524,7 @@ def _cached_entry(
         raise RuntimeError(
             f"prototype cache file {str(path)!r} is unusable right after writing: {entry}"
         )
-    return (*entry, path)
+    return (*entry, path, True)
 
 
 def prototype_table(
@@ -557,9 +560,11 @@ def prototype_table(
         features = torch.empty(count, extractor.k, extractor.dim, dtype=STORAGE_DTYPES[stored])
         mask = torch.zeros(count, extractor.k, dtype=torch.bool)
         _extract_into(extractor, indexed.distinct, features, mask, device=target, **options)
-        return PrototypeTable(features, mask, indexed.rows)
-    features, mask, path = _cached_entry(extractor, indexed, folder, target, stored, **options)
-    return PrototypeTable(features, mask, indexed.rows, path)
+        return PrototypeTable(features, mask, indexed.rows, built=True)
+    features, mask, path, built = _cached_entry(
+        extractor, indexed, folder, target, stored, **options
+    )
+    return PrototypeTable(features, mask, indexed.rows, path, built)
 
 
 def build_prototype_cache(
