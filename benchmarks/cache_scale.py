@@ -15,7 +15,7 @@ linearly; the full-scale size is extrapolated from the larger. ``--full`` builds
 - open: what a DDP rank does before its first step: deduplicate and digest both segments' texts
   (:func:`macsc.prototypes.index_texts`, linear in the texts: extrapolated to full size) and open
   the six files (header, size, key and the sampled checksum; constant per file); median of 5;
-- batch read: :func:`tasks.base.gather_prototypes` of 32 random pairs, both segments, the three
+- batch read: :func:`tasks.collate.gather_prototypes` of 32 random pairs, both segments, the three
   sources (what the collator does), median of 300, with the files in the page cache (warm; the
   first epoch on a node reads each row from disk instead);
 - 8 readers: 8 processes each open the tables and read a value from every page of them, then
@@ -113,7 +113,7 @@ def open_tables(segments: list[list[str]], folder: Path) -> tuple[dict, float]:
 def batch_seconds(tables: dict, pairs: int, count: int, seed: int = 0) -> list[float]:
     """Seconds to gather each of ``count`` random batches (all sources, both segments), into
     pinned memory where CUDA is, as the collator does."""
-    from tasks.base import gather_prototypes
+    from tasks.collate import gather_prototypes
 
     generator = torch.Generator().manual_seed(seed)
     pin = torch.cuda.is_available()

@@ -3,7 +3,6 @@ training, evaluation and prediction steps, the metrics, logging and the optimise
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ from torch import Tensor
 from .checkpointing import check_checkpoint_is_safe, is_local, mismatch_error, upgrade_state_dict
 from .guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
 from .heads import EvaluationContext, EvaluationResult, HeadOutput, build_task_head, head_class
-from .heads.base import prediction_folder
 from .heatmaps import ModalityWeightHeatmaps
 from .network import DEFAULT_PROTOTYPES, BranchRepresentations, MaCSCNetwork
 from .objective import DeviceGroup, MaCSCObjective
 from .optim import build_optimizer, linear_schedule
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor
-from .run_folders import EmptyRunCleanup
+from .run_folders import EmptyRunCleanup, write_evaluation
 from .run_state import RunState
 from .task import TaskSpec
 
@@ -370,37 +368,22 @@ class MaCSC(L.LightningModule):
                 experiment.add_text(f"{prefix}/samples", text, self.global_step)
 
     def _write(self, stage: str, name: str, result: EvaluationResult, datamodule: Any) -> None:
-        """``metrics-<split>.json``, ``predictions-<split>.jsonl`` and the task's official
-        files (``<stage>_<split>_step<N>/``) in the logger's folder: on global rank 0, not
-        during the sanity check, and only when the run has a logger."""
+        """The split's result files in the logger's folder (:func:`write_evaluation`): on
+        global rank 0, not during the sanity check, and only when the run has a logger."""
         trainer = self.trainer
         if not trainer.loggers:
             return
         log_dir = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        log_dir.mkdir(parents=True, exist_ok=True)
-        split = _split_name(datamodule, stage, name)
-        if stage != "predict":
-            summary = {
-                "stage": trainer.state.fn.value if trainer.state.fn else stage,
-                "split": split,
-                "task": getattr(datamodule, "task", None) or type(datamodule).__name__,
-                "global_step": trainer.global_step,
-                "epoch": trainer.current_epoch,
-                "metrics": result.metrics,
-            }
-            (log_dir / f"metrics-{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
-        with (log_dir / f"predictions-{split}.jsonl").open("w", encoding="utf-8") as handle:
-            for record in result.records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if result.files:
-            folder = prediction_folder(log_dir, stage, name, trainer.global_step)
-            folder.mkdir(parents=True, exist_ok=True)
-            for file_name, content in result.files.items():
-                (folder / file_name).write_text(
-                    json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8"
-                )
+        summary = {
+            "stage": trainer.state.fn.value if trainer.state.fn else stage,
+            "split": _split_name(datamodule, stage, name),
+            "task": getattr(datamodule, "task", None) or type(datamodule).__name__,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+        write_evaluation(log_dir, stage, name, summary, result)
 
     # -------------------------------------------------------------------------- checkpoints
     @classmethod

@@ -1,9 +1,12 @@
-"""Run folders: a failed evaluation leaves no empty ``version_N`` folder behind."""
+"""Run folders: what an evaluation writes into them, and no empty ``version_N`` folder left
+behind by a failed one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -37,3 +40,35 @@ class EmptyRunCleanup(L.Callback):
         if folder.name.startswith("version_") and folder.is_dir():
             if holds_only_bookkeeping(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_evaluation(
+    log_dir: Path, stage: str, name: str, summary: dict[str, Any], result: Any
+) -> None:
+    """One evaluated split's files in ``log_dir`` (the README's "Result files"):
+
+    - ``metrics-<split>.json``: ``summary`` (stage, split, task, global_step, epoch) and the
+      metrics, written by validate and test (and each validation of fit; the latest wins);
+    - ``predictions-<split>.jsonl``: one record per example (validate, test, predict);
+    - the task's official files (SQuAD's ``predictions.json``, ``null_odds.json``) in
+      ``<stage>_<name>_step<N>/``.
+
+    ``result`` is a :class:`macsc.heads.EvaluationResult`; ``<split>`` is ``summary["split"]``.
+    """
+    from .heads.base import prediction_folder
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    split = summary["split"]
+    if stage != "predict":
+        content = {**summary, "metrics": result.metrics}
+        (log_dir / f"metrics-{split}.json").write_text(json.dumps(content, indent=2) + "\n")
+    with (log_dir / f"predictions-{split}.jsonl").open("w", encoding="utf-8") as handle:
+        for record in result.records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if result.files:
+        folder = prediction_folder(log_dir, stage, name, summary["global_step"])
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name, content in result.files.items():
+            (folder / file_name).write_text(
+                json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8"
+            )

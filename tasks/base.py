@@ -23,7 +23,6 @@ A batch is a dict, padded to the longest sequence in the batch:
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from macsc.allocation import nearest_bin
 from macsc.errors import ConfigError, DataError
 from macsc.prototypes import (
     PrototypeExtractor,
@@ -45,11 +43,11 @@ from macsc.prototypes import (
 )
 from macsc.task import TaskSpec
 
+from .collate import Collator
+from .labels import has_classes, label_classes
 from .sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
 
 ROLES = ("train", "validation", "test")
-# Tokens the collator pads; every other item field is a scalar stacked into a (B,) tensor.
-PADDED_FIELDS = ("input_ids", "token_type_ids")
 
 
 @dataclass
@@ -115,81 +113,6 @@ class EncodedSplit(Dataset):
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.columns["input_ids"]]
-
-
-def pad(sequences: list[list[int]], value: int) -> Tensor:
-    """Right-pad lists of ints to the longest: ``(B, l)`` long."""
-    real = real_positions([len(sequence) for sequence in sequences])
-    out = torch.full(real.shape, value, dtype=torch.long)
-    # one tensor from all the values, placed in row-major order (a loop of one small tensor per
-    # row was most of the collator's time)
-    out[real] = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
-    return out
-
-
-def real_positions(lengths: list[int]) -> Tensor:
-    """``(B, max(lengths))`` bool, true on the first ``lengths[b]`` positions of row ``b``."""
-    return torch.arange(max(lengths, default=0)) < torch.tensor(lengths, dtype=torch.long)[:, None]
-
-
-def gather_prototypes(
-    tables: list[PrototypeTable], indices: Tensor, pin_memory: bool = False
-) -> dict[str, Tensor]:
-    """Prototypes of examples ``indices`` (``(B,)``), one table per segment, concatenated.
-
-    Returns ``features`` ``(B, n_seg * k, d)`` in the tables' storage dtype (the model casts
-    them to its compute dtype) and ``mask`` ``(B, n_seg * k)`` bool. The rows are gathered from
-    the (memory-mapped) tables straight into one output tensor each, in page-locked memory when
-    ``pin_memory``, so a batch is copied once on its way from the map to the device.
-    """
-    count, k = int(indices.numel()), tables[0].features.shape[1]
-    features = torch.empty(
-        (count, len(tables) * k, tables[0].features.shape[2]),
-        dtype=tables[0].features.dtype,
-        pin_memory=pin_memory,
-    )
-    mask = torch.empty((count, len(tables) * k), dtype=torch.bool, pin_memory=pin_memory)
-    for segment, table in enumerate(tables):
-        rows = table.rows[indices]
-        part = slice(segment * k, (segment + 1) * k)
-        torch.index_select(table.features, 0, rows, out=features[:, part])
-        torch.index_select(table.mask, 0, rows, out=mask[:, part])
-    return {"features": features, "mask": mask}
-
-
-@dataclass
-class Collator:
-    """Turns a list of :class:`EncodedSplit` items into a batch (format in the module docstring).
-
-    pad_token_id: the tokenizer's padding id. segments: the split's texts, per segment column.
-    tables: modality -> one :class:`PrototypeTable` per segment column, rows = split examples.
-    pin_memory: gather prototypes into page-locked memory when CUDA is available, except in a
-    DataLoader worker process (whose batches the loader copies into shared memory anyway).
-    """
-
-    pad_token_id: int
-    segments: list[list[str]]
-    tables: dict[str, list[PrototypeTable]]
-    pin_memory: bool = True
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        input_ids = [item["input_ids"] for item in items]
-        batch: dict[str, Any] = {
-            "input_ids": pad(input_ids, self.pad_token_id),
-            "attention_mask": real_positions([len(ids) for ids in input_ids]).long(),
-        }
-        if "token_type_ids" in items[0]:
-            batch["token_type_ids"] = pad([item["token_type_ids"] for item in items], 0)
-        for name in items[0].keys() - set(PADDED_FIELDS):
-            batch[name] = torch.tensor([item[name] for item in items])
-        indices = batch["example_index"]
-        pin = self.pin_memory and torch.cuda.is_available() and get_worker_info() is None
-        batch["prototypes"] = {
-            modality: gather_prototypes(tables, indices, pin)
-            for modality, tables in self.tables.items()
-        }
-        batch["segments"] = [[texts[i] for i in indices.tolist()] for texts in self.segments]
-        return batch
 
 
 class MaCSCDataModule(L.LightningDataModule):
@@ -394,18 +317,13 @@ class MaCSCDataModule(L.LightningDataModule):
         return self._eval_loaders(self.predict_on, needs_labels=False)
 
     def train_label_classes(self) -> Tensor:
-        """The class of every training example in use (after ``data_fraction``): ``(N,)`` long.
-
-        Regression: the index of the nearest of ``task_spec.label_bins``. Span tasks have no
-        classes and return an empty tensor. Reads labels only: needs no tokenizer.
-        """
+        """The class of every training example in use (after ``data_fraction``), from which
+        the model computes the class prior ``pi_e`` (:func:`tasks.labels.label_classes`).
+        Reads labels only: needs no tokenizer."""
         spec = self.task_spec
-        if spec.kind == "span":
+        if not has_classes(spec):
             return torch.empty(0, dtype=torch.long)
-        labels = torch.tensor(self._text_split("train", needs_labels=True).labels)
-        if spec.kind == "regression":
-            return nearest_bin(labels, spec.label_bins)
-        return labels.long()
+        return label_classes(self._text_split("train", needs_labels=True).labels, spec)
 
     def prototype_tables(self) -> dict[str, list[PrototypeTable]]:
         """Every prototype table opened so far, by modality (all splits and segments)."""

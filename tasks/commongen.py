@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from macsc.commongen_data import (
     HUB_NAME,
     ConceptExample,
@@ -41,7 +38,8 @@ from macsc.commongen_eval import METRICS, GenerationEvaluationData, spice_availa
 from macsc.errors import ConfigError, DataError
 from macsc.task import TaskSpec
 
-from .base import Collator, EncodedSplit, MaCSCDataModule, TextSplit, pad
+from .base import EncodedSplit, MaCSCDataModule, TextSplit
+from .collate import Collator, pad
 
 SPLITS = ("train", "validation", "test")
 LABEL_PAD = -100  # the index torch's cross-entropy ignores
@@ -240,10 +238,6 @@ class CommonGenDataModule(MaCSCDataModule):
         if name not in self._evaluation:
             self._dataset(name, needs_labels=stage != "predict")
         return self._evaluation[name]
-
-    def train_label_classes(self) -> Tensor:
-        """Generation has no classes (no class prior): an empty tensor."""
-        return torch.empty(0, dtype=torch.long)
 
     def _collator(self, name: str) -> GenerationCollator:
         return GenerationCollator(self.pad_token_id, self._texts[name].segments, self._tables[name])

@@ -35,7 +35,8 @@ from macsc.heads import SpanEvaluationData
 from macsc.qa import prepare_squad_features
 from macsc.task import TaskSpec
 
-from .base import Collator, EncodedSplit, MaCSCDataModule, TextSplit
+from .base import EncodedSplit, MaCSCDataModule, TextSplit
+from .collate import Collator
 from .squad_data import HUB_NAMES, load_squad
 
 VERSIONS = {"1.1": "squad", "2.0": "squad_v2"}  # version -> its hub dataset

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from macsc.model import MaCSC
 from macsc.prototypes import build_extractor, prototype_table
 from macsc.task import TaskSpec
-from tasks.base import Collator, gather_prototypes
+from tasks.collate import Collator, gather_prototypes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
