@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# MaCSC T+I+A+V vs the text-only baseline on a lent GPU (issue 6): training samples/s and their
-# ratio, and peak memory, for a RoBERTa-base-sized backbone with random weights (no download),
-# bf16 autocast, eager and with torch.compile. About 2-4 minutes on an H200 (compiling both
-# models is most of it); the eager line comes first, so a cut-short run still reports it.
+# The GPU checks, in one script for a lent GPU (about 7 minutes on an H200):
+#  1. the CUDA-only tests (pinned prototype batches, bf16 cache storage, probes on cuda);
+#  2. MaCSC T+I+A+V vs the text-only baseline (issue 6): training samples/s, their ratio and peak
+#     memory for RoBERTa-base-sized and BERT-base-sized backbones with random weights (no
+#     download), bf16 autocast, eager and with torch.compile; the eager line comes first;
+#  3. one CommonGen step of a T5-large-sized model under Lightning's FSDP in bf16, then beam
+#     search (benchmarks/fsdp_t5.py).
 #
 #   bash benchmarks/gpu.sh [gpu_step.py options, e.g. --no-compile --rounds 3]
 #
-# Runs from any folder; needs torch, transformers, lightning and torchmetrics (no open_clip, no
-# datasets, no network). Writes gpu.json to $OUT when OUT is set (the lent machine's folder).
+# Runs from any folder; needs torch, transformers, lightning and torchmetrics (no datasets, no
+# network). Writes gpu.json and fsdp_t5.json to $OUT when OUT is set (the lent machine's folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -16,6 +19,12 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
-out=()
-if [[ -n "${OUT:-}" ]]; then out=(--out "$OUT/gpu.json"); fi
-exec timeout 295 "$PYTHON" benchmarks/gpu_step.py "${out[@]}" "$@"
+out=() fsdp_out=()
+if [[ -n "${OUT:-}" ]]; then out=(--out "$OUT/gpu.json"); fsdp_out=(--out "$OUT/fsdp_t5.json"); fi
+status=0
+timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or pinned or auto_stores" \
+    tests/test_prototype_storage.py tests/test_probes.py || status=1
+timeout 240 "$PYTHON" benchmarks/gpu_step.py "${out[@]}" "$@" || status=1
+timeout 240 "$PYTHON" benchmarks/gpu_step.py --bert --no-compile --rounds 3 || status=1
+timeout 180 "$PYTHON" benchmarks/fsdp_t5.py "${fsdp_out[@]}" || status=1
+exit $status

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from macsc.network import build_source
-from macsc.prototypes.cache import cache_key
+from macsc.prototypes.cache import cache_key, index_texts
 
 OVERLAY = (
     Path(__file__).resolve().parents[1] / "lightning_configs/ablations/gaussian_prototypes.yaml"
@@ -29,7 +29,8 @@ def test_the_overlays_modalities_get_independent_noise():
     for a, b in ((image, video), (image.flatten(1), audio.flatten(1)[:, : image[0].numel()])):
         cosine = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
         assert cosine.abs().max() < 0.1
-    keys = {cache_key(e, TEXTS, "fp32") for e in extractors.values()}
+    digest = index_texts(TEXTS).digest
+    keys = {cache_key(e, digest, "fp32", "float16") for e in extractors.values()}
     assert len(keys) == 3  # the cache cannot serve one modality from another's entry
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from macsc.allocation import coarse_weights, debiased_distribution, positive_weights
+from macsc.allocation import balanced_weights, coarse_weights, debiased_distribution
 from macsc.calibration import SelfBalancingCalibration
 from macsc.errors import ConfigError
 from macsc.losses import multiscale_self_balancing_loss, self_balancing_contrastive_loss
@@ -167,7 +167,7 @@ def test_calibration_module_equals_functional_eq13():
     for a, m in enumerate(modalities):
         for b, k in enumerate(modalities):
             if a != b:
-                w = positive_weights(dists[a], dists[b], mask)
+                w = balanced_weights(dists[a], dists[b], mask)  # the default (SPEC 5)
                 pair_losses[(m, k)] = self_balancing_contrastive_loss(
                     feats[a], feats[b], w, mask, 0.2
                 )

@@ -41,10 +41,10 @@ def test_half_precision_storage_changes_outputs_less_than_bf16_compute(tiny_back
     assert full["prototypes"]["audio"]["features"].dtype == torch.float32
     assert half["prototypes"]["audio"]["features"].dtype == torch.float16
     with torch.no_grad():
-        reference = model(full)["outputs"]
-        stored_half = model(half)["outputs"]
+        reference = model(full).outputs
+        stored_half = model(half).outputs
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            computed_bf16 = model(full)["outputs"].float()
+            computed_bf16 = model(full).outputs.float()
     storage_error = (stored_half - reference).abs().max()
     compute_error = (computed_bf16 - reference).abs().max()
     assert 0 < storage_error <= compute_error, (float(storage_error), float(compute_error))
