@@ -185,7 +185,7 @@ def _cli_class():
                 raise
             if self.datamodule is not None and hasattr(self.datamodule, "connect"):
                 self.datamodule.connect(
-                    self.model.backbone_name, self.model.extractors, self.model.modalities
+                    self.model.tokenizer, self.model.extractors, self.model.modalities
                 )
 
         def _parse_ckpt_path(self) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from .checkpointing import check_checkpoint_is_safe, is_local, mismatch_error, upgrade_state_dict
+from .errors import ConfigError
 from .guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
 from .heads import EvaluationContext, EvaluationResult, HeadOutput, build_task_head, head_class
 from .heatmaps import ModalityWeightHeatmaps
@@ -51,7 +52,8 @@ class MaCSC(L.LightningModule):
     """MaCSC fine-tuning of any Hugging Face encoder (or encoder-decoder, for generation).
 
     Args:
-        backbone: Hugging Face model name or local folder of the PLM (``bert-base-uncased``).
+        backbone: Hugging Face model name or local folder of the PLM (``bert-base-uncased``);
+            null when ``text_tower`` is the encoder.
         modalities: ``[text]``, ``[text, image]``, ... ``text`` first. ``[text]`` with
             ``lambda_msb: 0`` is the plain fine-tuning baseline ("+None").
         prototypes: the prototype source of each non-text modality, as keyword options of
@@ -88,11 +90,16 @@ class MaCSC(L.LightningModule):
         backbone_kwargs: extra keyword arguments of ``from_pretrained``.
         head_options: options of the task kind's head (generation: ``num_beams``,
             ``max_new_tokens``, ...; see the head classes in :mod:`macsc.heads`).
+        text_tower: the MC-PTM baselines (SPEC 13; Table 4 "+None" of CLIP, AudioCLIP,
+            CLIP-ViP): a multimodal model's text tower is the encoder and is fine-tuned, and the
+            data is tokenised with its own tokenizer; ``{kind: open_clip|audioclip|clip_vip,
+            <the options that load it, as in prototypes>, projection: true}``
+            (:mod:`macsc.text_tower`). Needs ``backbone: null``.
     """
 
     def __init__(
         self,
-        backbone: str = "bert-base-uncased",
+        backbone: str | None = "bert-base-uncased",
         modalities: list[str] | None = None,
         prototypes: dict[str, dict[str, Any]] | None = None,
         task: dict[str, Any] | None = None,
@@ -117,6 +124,7 @@ class MaCSC(L.LightningModule):
         nonfinite: str = "raise",
         backbone_kwargs: dict[str, Any] | None = None,
         head_options: dict[str, Any] | None = None,
+        text_tower: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         modalities = (
@@ -138,6 +146,7 @@ class MaCSC(L.LightningModule):
             text_pooling=text_pooling,
             dropout=dropout,
             backbone_kwargs=backbone_kwargs,
+            text_tower=text_tower,
         )
         self.head = build_task_head(
             self.spec,
@@ -175,7 +184,20 @@ class MaCSC(L.LightningModule):
     @property
     def backbone_name(self) -> str:
         """Where the backbone (and so its tokenizer) was loaded from."""
+        if self.network.is_text_tower:
+            raise ConfigError(
+                f"this model's encoder is the text tower {self.network.backbone.description} "
+                "(model.text_tower), not a Hugging Face backbone"
+            )
         return resolve_pretrained(self.hparams.backbone)
+
+    @property
+    def tokenizer(self) -> Any:
+        """What tokenises the text for this model, as :meth:`tasks.base.MaCSCDataModule.connect`
+        takes it: the backbone's name or folder (the data module loads its tokenizer), or a text
+        tower's own tokenizer object."""
+        tokenizer = self.network.tokenizer
+        return self.backbone_name if tokenizer is None else tokenizer
 
     @property
     def extractors(self) -> dict[str, PrototypeExtractor]:
@@ -423,10 +445,12 @@ class MaCSC(L.LightningModule):
             for key in ("backbone", "modalities", "task")
             if key in self._checkpoint_hparams
         }
-        describe = (
-            f"backbone {self.hparams.backbone!r}, modalities {self.modalities}, "
-            f"task {self.spec.kind}"
+        encoder = (
+            f"text tower {self.network.backbone.description}"
+            if self.network.is_text_tower
+            else f"backbone {self.hparams.backbone!r}"
         )
+        describe = f"{encoder}, modalities {self.modalities}, task {self.spec.kind}"
         error = mismatch_error(self.state_dict(), state_dict, strict, describe, saved)
         if error is not None:
             raise error

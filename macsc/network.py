@@ -17,6 +17,10 @@ from .errors import ConfigError, MacscError
 from .fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor, Prototypes, build_extractor
+from .text_tower import TEXT_TOWER_MODEL_TYPE, build_text_tower
+
+#: backbones whose sentence position is their last real token
+LAST_TOKEN_MODELS = ("xlnet", TEXT_TOWER_MODEL_TYPE)
 
 #: SPEC section 1: the paper's extractor for each non-text modality
 DEFAULT_PROTOTYPES: dict[str, dict[str, Any]] = {
@@ -72,21 +76,25 @@ class MaCSCNetwork(nn.Module):
     """Backbone + prototype sources + one concept enhancer per non-text modality.
 
     Args:
-        backbone: Hugging Face name or folder, or ``package:<module>`` (:mod:`macsc.paths`).
+        backbone: Hugging Face name or folder, or ``package:<module>`` (:mod:`macsc.paths`);
+            None when ``text_tower`` is the encoder.
         modalities: ``text`` first.
         prototypes: the source of each non-text modality (options of
             :func:`macsc.prototypes.build_extractor`); unlisted ones use the paper's.
         auto_class: the ``transformers`` auto class that loads the backbone (``AutoModel``;
             ``AutoModelForSeq2SeqLM`` for generation, whose encoder then gives ``H^t``).
         enhancement, share_enhancer, enhancer_heads, enhancer_feed_forward: SPEC 2.
-        text_pooling: ``auto`` (first token, last for XLNet), ``first``, ``last``, ``mean``.
+        text_pooling: ``auto`` (first token; last for XLNet and text towers), ``first``,
+            ``last``, ``mean``.
         dropout: of the enhancers (default: the backbone's).
         backbone_kwargs: extra keyword arguments of ``from_pretrained``.
+        text_tower: a multimodal model's text tower as the encoder instead of ``backbone``
+            (SPEC 13, the MC-PTM baselines; :func:`macsc.text_tower.build_text_tower`).
     """
 
     def __init__(
         self,
-        backbone: str,
+        backbone: str | None,
         modalities: list[str],
         prototypes: dict[str, dict[str, Any]] | None = None,
         auto_class: str = "AutoModel",
@@ -97,13 +105,14 @@ class MaCSCNetwork(nn.Module):
         text_pooling: str = "auto",
         dropout: float | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        text_tower: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         prototypes = copy.deepcopy(prototypes or {})
         check_modalities(modalities, prototypes)
         self.modalities = list(modalities)
         # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
-        self.backbone = load_backbone(backbone, auto_class, backbone_kwargs or {}).train()
+        self.backbone = load_encoder(backbone, text_tower, auto_class, backbone_kwargs).train()
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # unused (we pool ourselves); DDP rejects unused parameters
         config = self.backbone.config
@@ -113,23 +122,30 @@ class MaCSCNetwork(nn.Module):
             dropout = next((getattr(config, n) for n in names if hasattr(config, n)), 0.1) or 0.1
         self.dropout_rate = float(dropout)
         self.text_pooling = (
-            ("last" if config.model_type == "xlnet" else "first")
+            ("last" if config.model_type in LAST_TOKEN_MODELS else "first")
             if text_pooling == "auto"
             else text_pooling
         )
         sentence_positions(torch.ones(1, 1), self.text_pooling)  # validates the option
+        if config.model_type == TEXT_TOWER_MODEL_TYPE and self.text_pooling == "first":
+            raise ConfigError(
+                "model.text_pooling 'first' reads the SOT token of a causal text tower, which "
+                "sees nothing but itself; use auto (the last real token, the EOT) or mean"
+            )
 
         self._frozen_extractors: dict[str, PrototypeExtractor] = {}
         self.trainable_extractors = nn.ModuleDict()
         self.enhancers = nn.ModuleDict()
         self.sources: dict[str, str] = {}
+        built: dict[str, PrototypeExtractor] = {}
         for name in self.modalities[1:]:
             # a source given in the config replaces the default one whole (options differ by kind)
             source = prototypes.get(name) or DEFAULT_PROTOTYPES[name]
             origin = "model.prototypes" if prototypes.get(name) else "the paper's default"
             self.sources[name] = f"{name} <- {_options_text(source)} ({origin})"
+            shared = _options_text(effective_source(name, source))
             try:
-                extractor = build_source(name, source)
+                extractor = built.get(shared) or build_source(name, source)
             except MacscError as error:
                 if prototypes.get(name):
                     raise
@@ -142,6 +158,9 @@ class MaCSCNetwork(nn.Module):
             if extractor.trainable:
                 self.trainable_extractors[name] = extractor
             else:
+                # modalities with the same frozen source (Table 5: one PLM for all three) share
+                # one copy of its weights
+                built[shared] = extractor
                 self._frozen_extractors[name] = extractor.eval()
             self.enhancers[name] = ConceptEnhancer(
                 self.hidden_size,
@@ -164,6 +183,16 @@ class MaCSCNetwork(nn.Module):
             m: self._frozen_extractors.get(m) or self.trainable_extractors[m]
             for m in self.modalities[1:]
         }
+
+    @property
+    def tokenizer(self) -> Any:
+        """A text tower's own tokenizer object; None for a Hugging Face backbone, whose
+        tokenizer the data module loads from the backbone's name."""
+        return getattr(self.backbone, "tokenizer", None) if self.is_text_tower else None
+
+    @property
+    def is_text_tower(self) -> bool:
+        return self.backbone.config.model_type == TEXT_TOWER_MODEL_TYPE
 
     @property
     def encoder(self) -> nn.Module:
@@ -239,12 +268,19 @@ def check_modalities(modalities: list[str], prototypes: dict[str, dict[str, Any]
         )
 
 
+def effective_source(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The options modality ``name``'s source is built from: Gaussian noise gets the modality's
+    own stream, so two modalities with the same options still get independent noise."""
+    spec = dict(spec)
+    if spec.get("kind") == "gaussian":
+        spec.setdefault("stream", name)
+    return spec
+
+
 def build_source(name: str, spec: dict[str, Any]) -> PrototypeExtractor:
     """The prototype extractor of modality ``name`` from its config entry."""
-    spec = dict(spec)
+    spec = effective_source(name, spec)
     kind = spec.pop("kind", None)
-    if kind == "gaussian":
-        spec.setdefault("stream", name)  # independent noise per modality by construction
     if not kind:
         raise ConfigError(
             f"model.prototypes.{name} needs a 'kind' (e.g. open_clip, audioclip, clip_vip, hf, gaussian)"
@@ -253,6 +289,34 @@ def build_source(name: str, spec: dict[str, Any]) -> PrototypeExtractor:
         return build_extractor(kind, **spec)
     except TypeError as error:
         raise ConfigError(f"model.prototypes.{name}: {error}") from error
+
+
+def load_encoder(
+    backbone: str | None,
+    text_tower: dict[str, Any] | None,
+    auto_class: str,
+    backbone_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    """The module that gives ``H^t``: the Hugging Face ``backbone``, or ``text_tower``."""
+    if text_tower is None:
+        if not backbone:
+            raise ConfigError(
+                "model.backbone is not set: give a Hugging Face model name or folder (or "
+                "model.text_tower: {kind: open_clip, ...} for an MC-PTM baseline)"
+            )
+        return load_backbone(backbone, auto_class, backbone_kwargs or {})
+    if backbone:
+        raise ConfigError(
+            f"model.backbone {backbone!r} and model.text_tower are both set; with a text tower "
+            "the tower is the encoder: set model.backbone: null (the overlays "
+            "lightning_configs/tables/*_text.yaml do; give them after any config that sets a "
+            "backbone)"
+        )
+    if backbone_kwargs:
+        raise ConfigError(
+            "model.backbone_kwargs apply to a Hugging Face backbone, not a text tower"
+        )
+    return build_text_tower(text_tower)
 
 
 def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -8,8 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-#: parameters without weight decay (biases, norms, the modality embeddings)
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "type_embedding")
+#: parameters without weight decay (biases, norms, the modality embeddings); the CLIP text
+#: towers name their norms ln_1, ln_2, ln_final (open_clip) and layer_norm1, layer_norm2 (HF)
+NO_DECAY = (
+    "bias",
+    "LayerNorm.weight",
+    "layer_norm.weight",
+    "norm.weight",
+    "type_embedding",
+    "ln_1.weight",
+    "ln_2.weight",
+    "ln_final.weight",
+    "layer_norm1.weight",
+    "layer_norm2.weight",
+)
 #: the modality weights rho and Z, which may take their own learning rate
 MODALITY_WEIGHTS = ("objective.rho_logits", "objective.calibration.z")
 

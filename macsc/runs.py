@@ -25,6 +25,8 @@ PAPER_SOURCES = {"image": "open_clip", "audio": "audioclip", "video": "clip_vip"
 PAPER_IMAGE_MODEL = "vit-b-32"
 #: extractor kinds that read retrieved-image features instead of prototypes (SPEC 14, "+Image")
 IMAGE_FEATURE_KINDS = ("features", "image_features", "retrieved_images")
+#: the MC-PTM whose text tower ``model.text_tower`` of each kind is (SPEC 13), as row ids spell it
+TEXT_TOWER_SLUGS = {"open_clip": "clip", "audioclip": "audioclip", "clip_vip": "clip-vip"}
 #: how the backbones of the paper's rows are spelled in their ids
 BACKBONE_SLUGS = {
     "bert-base-uncased": "bert-base",
@@ -186,10 +188,18 @@ def _section(config: dict[str, Any] | None, name: str) -> dict[str, Any]:
 
 def backbone_slug(value: Any) -> str:
     """How a row id spells a backbone: the paper's backbones by their short names
-    (``bert-base-uncased`` -> ``bert-base``), the MC-PTM text towers as ``clip``, ``audioclip``,
-    ``clip-vip``; anything else by its last path component, lower case."""
+    (``bert-base-uncased`` -> ``bert-base``), the MC-PTM text towers (a ``model.text_tower``
+    dict, or a name that says so) as ``clip``, ``audioclip``, ``clip-vip`` (an open_clip tower
+    other than the paper's ViT-B/32 as ``clip:<model>``); anything else by its last path
+    component, lower case."""
     if isinstance(value, dict):
-        value = value.get("model_name") or value.get("checkpoint") or value.get("kind") or ""
+        kind = str(value.get("kind", ""))
+        if kind == "open_clip":
+            model = normalize_name(value.get("model_name") or PAPER_IMAGE_MODEL)
+            return "clip" if model == normalize_name(PAPER_IMAGE_MODEL) else f"clip:{model}"
+        if kind in TEXT_TOWER_SLUGS:
+            return TEXT_TOWER_SLUGS[kind]
+        value = value.get("model_name") or value.get("checkpoint") or kind
     last = re.split(r"[/\\]", str(value).strip().rstrip("/\\"))[-1]
     lowered = last.lower()
     if any(key in lowered for key in ("clip_vip", "clipvip", "clip-vip")):
@@ -230,7 +240,9 @@ def row_id(config: dict[str, Any]) -> str:
     in ``macsc/paper_results.json``), e.g. ``roberta-base/no-msb/T+I+A+V`` or
     ``roberta-base/ours/T+I+A+V/prototypes=gaussian``."""
     model = _section(config, "model")
-    backbone = backbone_slug(model.get("backbone", "bert-base-uncased"))
+    backbone = backbone_slug(
+        model.get("text_tower") or model.get("backbone") or "bert-base-uncased"
+    )
     modalities = list(model.get("modalities") or DEFAULT_MODALITIES)
     prototypes = model.get("prototypes") or {}
     if not isinstance(prototypes, dict):

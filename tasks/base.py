@@ -16,13 +16,15 @@ A batch is a dict, padded to the longest sequence in the batch:
 - ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m), "mask": (B, n_seg * k)
   bool}}`` for every cacheable extractor, features in the cache's storage dtype
   (``prototype_dtype``); the segments' prototypes are concatenated along the token axis in
-  segment order (SPEC 1.7);
+  segment order (SPEC 1.7); for an ``image_features`` source, ``(B, n_images, d_m)``: the
+  stored features of each example, looked up by its id (SPEC 14);
 - ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
   no entry in ``prototypes``; the model extracts from the texts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from macsc.errors import ConfigError, DataError
 from macsc.prototypes import (
+    ImageFeatureSource,
     PrototypeExtractor,
     PrototypeTable,
     check_storage_dtype,
@@ -59,7 +62,9 @@ class TextSplit:
     segments: one list of ``N`` texts per segment column (two for pair tasks).
     labels: ``N`` labels (int class indices or float scores), or None when the split is unlabelled.
     ids: ``N`` ids of the examples as the source gives them (GLUE's ``idx``), or None; written
-        in prediction records, which otherwise use the example's position.
+        in prediction records, which otherwise use the example's position. The data module
+        fills None with each example's position in its split (before ``data_fraction``), so
+        every example read has an id (image features are keyed by it).
     """
 
     name: str
@@ -235,9 +240,10 @@ class MaCSCDataModule(L.LightningDataModule):
     ) -> None:
         """Give the data module the backbone's tokenizer and the prototype extractors.
 
-        tokenizer: a Hugging Face name or path, or a tokenizer object.
-        extractors: non-text modality -> extractor. modalities: the run's modalities (``text``
-        first); when given, only their extractors are used, and each must be present.
+        tokenizer: a Hugging Face name or path, or a tokenizer object (a text tower's, whose
+        ``model_max_length`` is the most tokens the model reads: ``max_length`` may not exceed
+        it). extractors: non-text modality -> extractor. modalities: the run's modalities
+        (``text`` first); when given, only their extractors are used, and each must be present.
         """
         wanted = [m for m in (modalities or list(extractors)) if m != "text"]
         missing = [m for m in wanted if m not in extractors]
@@ -246,6 +252,13 @@ class MaCSCDataModule(L.LightningDataModule):
                 f"modalities {missing} have no prototype extractor (extractors given: "
                 f"{sorted(extractors)}); configure one for each non-text modality"
             )
+        limit = getattr(tokenizer, "model_max_length", None)
+        if not isinstance(tokenizer, str | os.PathLike) and isinstance(limit, int):
+            if self.max_length > limit:
+                raise ConfigError(
+                    f"data option max_length={self.max_length} is longer than the {limit} "
+                    f"tokens the model's encoder reads; set data.init_args.max_length: {limit}"
+                )
         self._tokenizer = tokenizer
         self._extractors = {m: extractors[m] for m in wanted}
         self._tables.clear()
@@ -265,20 +278,24 @@ class MaCSCDataModule(L.LightningDataModule):
         return self._extractors
 
     def _ensure_connected(self) -> None:
-        """Connect from the trainer's model (``backbone_name``, ``extractors``) if not yet done."""
+        """Connect from the trainer's model (``tokenizer`` or ``backbone_name``, and
+        ``extractors``) if not yet done."""
         if self._extractors is not None:
             return
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        backbone = getattr(module, "backbone_name", None)
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = getattr(module, "backbone_name", None)
         extractors = getattr(module, "extractors", None)
-        if isinstance(backbone, str | os.PathLike) and extractors is not None:
-            self.connect(backbone, dict(extractors.items()), getattr(module, "modalities", None))
+        if tokenizer is not None and extractors is not None:
+            self.connect(tokenizer, dict(extractors.items()), getattr(module, "modalities", None))
             return
         raise ConfigError(
             f"{type(self).__name__} has no tokenizer or prototype extractors: call "
             "datamodule.connect(tokenizer, extractors) before use, or run it in a Trainer with "
-            "a model that has backbone_name and extractors (the macsc CLI does this for you)"
+            "a model that has a tokenizer (or backbone_name) and extractors (the macsc CLI "
+            "does this for you)"
         )
 
     # Lightning hooks.
@@ -326,11 +343,13 @@ class MaCSCDataModule(L.LightningDataModule):
         return label_classes(self._text_split("train", needs_labels=True).labels, spec)
 
     def prototype_tables(self) -> dict[str, list[PrototypeTable]]:
-        """Every prototype table opened so far, by modality (all splits and segments)."""
+        """Every prototype-cache table opened so far, by modality (all splits and segments);
+        not the tables of stored image features, which are no cache."""
         tables: dict[str, list[PrototypeTable]] = {}
         for by_modality in self._tables.values():
             for modality, segments in by_modality.items():
-                tables.setdefault(modality, []).extend(segments)
+                if not isinstance(self.extractors.get(modality), ImageFeatureSource):
+                    tables.setdefault(modality, []).extend(segments)
         return tables
 
     def evaluated_split_name(self, stage: str, name: str) -> str:
@@ -364,6 +383,8 @@ class MaCSCDataModule(L.LightningDataModule):
             split = self.load_split(name)
             if len(split) == 0:
                 raise DataError(f"the {name!r} split ({split.source}) is empty: it has no examples")
+            if split.ids is None:  # positions in the whole split, which a subset keeps
+                split = dataclasses.replace(split, ids=list(range(len(split))))
             if name == "train":
                 split = split.subset(fraction_indices(len(split), self.data_fraction, self.seed))
             self._texts[name] = split
@@ -377,7 +398,8 @@ class MaCSCDataModule(L.LightningDataModule):
         return split
 
     def _prototype_tables(self, name: str, split: TextSplit) -> dict[str, list[PrototypeTable]]:
-        """modality -> one table per segment column, for every cacheable extractor."""
+        """modality -> one table per segment column, for every cacheable extractor; one table
+        of the split's examples (by id) for an image-features source."""
         if name not in self._tables:
             options = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
             # the same device on every rank and in prepare_data and setup: the extraction
@@ -401,6 +423,10 @@ class MaCSCDataModule(L.LightningDataModule):
                 ]
                 for modality, extractor in cacheable.items()
             }
+            task = getattr(self, "task", None) or type(self).__name__
+            for modality, source in self.extractors.items():
+                if isinstance(source, ImageFeatureSource):
+                    self._tables[name][modality] = [source.table(name, task, split.ids)]
         return self._tables[name]
 
     def _dataset(self, name: str, needs_labels: bool) -> EncodedSplit:

@@ -75,6 +75,30 @@ def test_long_text_is_split_into_windows_with_their_own_cls_and_sep(tiny_backbon
     torch.testing.assert_close(result.features[0], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_an_encoder_decoder_model_gives_the_prototypes_of_its_encoder(tiny_t5):
+    """Table 5's T5-3b source, on a tiny T5: only the encoder is loaded, and the prototypes are
+    the seq2seq model's own encoder run the ordinary way."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    extractor = build_extractor("hf", model_name=tiny_t5, k=4)
+    assert extractor.dim == 32
+    assert not [name for name, _ in extractor.named_parameters() if "decoder" in name]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+    model = T5ForConditionalGeneration.from_pretrained(tiny_t5, attn_implementation="eager")
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().encoder(**batch, output_attentions=True)
+    result = extractor.extract(TEXTS)
+    for b in range(len(TEXTS)):
+        last = int(batch["attention_mask"][b].sum()) - 1  # the closing special token
+        score = out.attentions[-1][b, :, last].mean(0)
+        best = sorted(sorted(range(1, last + 1), key=lambda j: -float(score[j]))[:4])
+        assert result.mask[b].tolist() == [True] * len(best) + [False] * (4 - len(best))
+        torch.testing.assert_close(
+            result.features[b, : len(best)], out.last_hidden_state[b, best], atol=1e-4, rtol=1e-4
+        )
+
+
 def test_identity_names_the_weights_by_content(tiny_backbone):
     extractor = build_extractor("hf", model_name=tiny_backbone)
     identity = extractor.identity()

@@ -76,7 +76,8 @@ def test_a_row_two_tables_share_runs_once():
     assert out.count("# Table 1, 4 bert-base/ours/T+I+A+V / mnli\n") == 1
     fits = [r for r in commands(out) if r[0] == "fit"]
     names = [r[r.index("--trainer.logger.init_args.name") + 1] for r in fits]
-    assert len(names) == len(set(names)) == 48 + 4 * 6  # Table 4 adds its four ablation rows
+    # Table 4 adds its four ablation rows and three MC-PTM rows
+    assert len(names) == len(set(names)) == 48 + 7 * 6
 
 
 def test_rows_whose_configs_do_not_exist_yet_say_so(tmp_path):
@@ -130,7 +131,7 @@ def test_slurm_writes_an_array_job_one_task_per_run(tmp_path):
     assert f"submit it from {ROOT} with:  sbatch {path}" in result.stdout
     text = path.read_text()
     for line in (
-        "#SBATCH --array=0-47%4",  # 12 rows of ours x 4 columns (the +Image rows wait for features)
+        "#SBATCH --array=0-59%4",  # 15 rows x 4 columns
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --ntasks-per-node=8",
         "#SBATCH --signal=SIGUSR1@90",
@@ -138,8 +139,8 @@ def test_slurm_writes_an_array_job_one_task_per_run(tmp_path):
         "#SBATCH --time=02:00:00",
     ):
         assert line + "\n" in text
-    assert text.count("    FIT=(fit ") == text.count("    VALIDATE=(validate ") == 48
-    assert "  47)  # Table 2: xlnet-large/ours/T+I+A+V / squad_v2\n" in text
+    assert text.count("    FIT=(fit ") == text.count("    VALIDATE=(validate ") == 60
+    assert "  59)  # Table 2: xlnet-large/ours/T+I+A+V / squad_v2\n" in text
     assert 'srun "$MACSC" "${VALIDATE[@]}" --ckpt_path "$BEST"' in text
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 

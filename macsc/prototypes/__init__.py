@@ -1,11 +1,12 @@
 """Prototype sources (SPEC section 1) and the prototype cache (SPEC section 8).
 
 Kinds for :func:`build_extractor`: ``open_clip`` (image), ``audioclip`` (audio), ``clip_vip``
-(video), ``hf`` / ``hf:<name>`` (any Hugging Face encoder) and ``gaussian`` (noise). Importing
-this package is cheap: open_clip and transformers load only when such an extractor is built.
+(video), ``hf`` / ``hf:<name>`` (any Hugging Face encoder), ``gaussian`` (noise) and
+``image_features`` (stored features of retrieved images per example, SPEC 14). Importing this
+package is cheap: open_clip and transformers load only when such an extractor is built.
 """
 
-from . import audioclip, clip_vip, hf_source, open_clip_source  # noqa: F401  (register kinds)
+from . import audioclip, clip_vip, hf_source, image_features, open_clip_source  # noqa: F401
 from .audioclip import AudioClipExtractor
 from .base import (
     GaussianExtractor,
@@ -31,6 +32,12 @@ from .cache import (
 from .clip_text import ClipTextExtractor
 from .clip_vip import ClipVipExtractor
 from .hf_source import HuggingFaceExtractor
+from .image_features import (
+    ImageFeatures,
+    ImageFeatureSource,
+    read_image_features,
+    write_image_features,
+)
 from .open_clip_source import OpenClipExtractor
 from .selection import select_top_k
 from .windowed import TokenPrototypeExtractor
@@ -42,6 +49,8 @@ __all__ = [
     "ClipVipExtractor",
     "GaussianExtractor",
     "HuggingFaceExtractor",
+    "ImageFeatureSource",
+    "ImageFeatures",
     "IndexedTexts",
     "OpenClipExtractor",
     "PrototypeExtractor",
@@ -55,9 +64,11 @@ __all__ = [
     "check_storage_dtype",
     "index_texts",
     "prototype_table",
+    "read_image_features",
     "register_extractor",
     "resolve_cache_dir",
     "sampled_ranges",
     "select_top_k",
     "verify_cache_file",
+    "write_image_features",
 ]
