@@ -361,6 +361,11 @@ class TableDataModule(MaCSCDataModule):
         self._hub_dataset: Any = None
 
     @property
+    def task(self) -> str:
+        """The task's name in run summaries (``metrics-<split>.json``): the format's name."""
+        return self.table_format.name
+
+    @property
     def task_spec(self) -> TaskSpec:
         return self.table_format.task_spec()
 
@@ -454,4 +459,3 @@ class GLUEDataModule(TableDataModule):
             hub_config=table_format.name,
             **options,
         )
-        self.task = table_format.name

@@ -382,3 +382,31 @@ def test_a_failed_evaluation_leaves_no_empty_run_folder(demo_run, tiny_backbone,
     assert main(["validate", *args]) == 2
     assert "missing keys ['head.linear.bias']" in capsys.readouterr().err
     assert not list(runs.glob("demo/version_*"))
+
+
+def test_your_own_table_data_through_a_config(tiny_backbone, tmp_path):
+    """The README's "your own data": a table with your columns and label names, no code."""
+    rows = "review\tstars\nthe food was great\tgood\nawful service\tbad\nlovely place\tgood\n"
+    (tmp_path / "train.tsv").write_text(rows + "never again\tbad\n")
+    (tmp_path / "dev.tsv").write_text(rows)
+    own = tmp_path / "own.yaml"
+    own.write_text(
+        "data:\n  class_path: tasks.glue.TableDataModule\n  init_args:\n"
+        "    table_format: {name: reviews, segments: [[review]], label_columns: [stars],"
+        " label_names: [bad, good]}\n"
+        f"    data_files: {{train: {tmp_path}/train.tsv, validation: {tmp_path}/dev.tsv}}\n"
+        "    batch_size: 2\n"
+    )
+    args = demo_args(tiny_backbone, tmp_path / "runs", "--config", str(own))
+    args += ["--trainer.max_steps", "2", "--trainer.val_check_interval", "null"]
+    args += ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping"]
+    args += ["--trainer.callbacks.monitor", "val/accuracy", "--trainer.callbacks.mode", "max"]
+    assert main(["fit", *args]) == 0
+    (summary,) = (tmp_path / "runs").rglob("metrics-validation.json")
+    assert json.loads(summary.read_text())["task"] == "reviews"
+    records = [
+        json.loads(line) for line in (summary.parent / "predictions-validation.jsonl").open()
+    ]
+    assert {r["gold"] for r in records} == {"good", "bad"} and records[0][
+        "text"
+    ] == "the food was great"
