@@ -104,7 +104,9 @@ def main() -> int:
         rows = [i % len(CONCEPTS) for i in range(args.batch)]
         encoded = dict(tokenizer([CONCEPTS[i] for i in rows], padding=True, return_tensors="pt"))
         encoded.pop("token_type_ids", None)
-        labels = tokenizer(text_target=[TARGETS[i] for i in rows], padding=True, return_tensors="pt")
+        labels = tokenizer(
+            text_target=[TARGETS[i] for i in rows], padding=True, return_tensors="pt"
+        )
         encoded["labels"] = labels["input_ids"].masked_fill(labels["input_ids"] == 0, -100)
         encoded["example_index"] = torch.arange(args.batch)
         encoded["prototypes"] = {
