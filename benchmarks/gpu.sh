@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one script for a lent GPU (about 7 minutes on an H200):
+# The GPU checks, in one script for a lent GPU (4.6 minutes on an H200, 2026-11-30):
 #  1. the CUDA-only tests (pinned prototype batches, bf16 cache storage, probes on cuda);
 #  2. MaCSC T+I+A+V vs the text-only baseline (issue 6): training samples/s, their ratio and peak
 #     memory for RoBERTa-base-sized and BERT-base-sized backbones with random weights (no

@@ -171,6 +171,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps, eager and after compiling")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after the eager rounds, profile N eager steps of each model and print the top "
+        "operators by device time, and the host time a step spends launching",
+    )  # fmt: skip
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as transformers_logging
@@ -205,6 +210,8 @@ def main() -> None:
     results["peak_memory_gib"] = memory
     results["eager"] = compare(runners, batches, args.rounds, args.steps, device, args.batch_size)
     report(results, "eager", memory)
+    if args.profile:
+        profile(runners, batches, args.profile, device)
     if not args.no_compile:
         begin = time.perf_counter()
         for runner in runners.values():
@@ -221,6 +228,36 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     print(f"total {results['seconds']:.0f} s", flush=True)
+
+
+def profile(runners: dict, batches: list[dict], steps: int, device: str) -> None:
+    """Where each model's step time goes: the operators with the most device time, and the
+    host's wall time per step beside the device's busy time (a step whose host time exceeds
+    its device time is bound by kernel launches, not by arithmetic)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    for name, runner in runners.items():
+        synchronize(device)
+        with torch_profile(activities=activities) as prof:
+            begin = time.perf_counter()
+            for i in range(steps):
+                runner.step(batches[i % len(batches)])
+            host = time.perf_counter() - begin
+            synchronize(device)
+            wall = time.perf_counter() - begin
+        events = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+        print(
+            f"profile {name}: {1e3 * wall / steps:.1f} ms a step (host returns after "
+            f"{1e3 * host / steps:.1f} ms), device busy {1e3 * busy / steps:.1f} ms a step",
+            flush=True,
+        )
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 def report(results: dict, mode: str, memory: dict | None) -> None:

@@ -107,6 +107,27 @@ def test_gradients_reach_the_enhancers_and_beam_search_gives_sentences(tiny_t5):
     assert all(isinstance(s, str) for s in sentences)
 
 
+def test_checkpointed_blocks_recompute_the_same_graph(tiny_t5):
+    """FSDP's activation checkpointing recomputes each T5 block in the backward pass; the
+    training forward must not fill a key/value cache that the recomputation would then reuse
+    (it failed on an H200 with "a different number of tensors was saved")."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    net, plain = model(tiny_t5).train(), model(tiny_t5).train()
+    apply_activation_checkpointing(net, check_fn=lambda module: isinstance(module, T5Block))
+    batch = batch_of(net, tiny_t5)
+    for m in (net, plain):
+        torch.manual_seed(1)
+        m.compute_losses(batch, m(batch))["total"].backward()
+    weight = "network.enhancers.image.project.weight"
+    grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    expected = dict(plain.named_parameters())[weight].grad
+    torch.testing.assert_close(grads[weight], expected)
+
+
 def test_generation_has_no_self_balancing_loss(tiny_t5):
     assert model(tiny_t5).hparams.lambda_msb is None  # the kind's default: 0 for generation
     with pytest.raises(ConfigError, match="no self-balancing loss"):

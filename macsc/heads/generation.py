@@ -99,6 +99,10 @@ class GenerationHead(TaskHead):
             encoder_outputs=BaseModelOutput(last_hidden_state=memory),
             attention_mask=mask,
             labels=batch["labels"],
+            # no key/value cache in training: a cache filled in the forward pass makes the
+            # recomputation of checkpointed blocks (FSDP activation checkpointing) skip the
+            # cross-attention projections, and the backward pass fails
+            use_cache=False,
         )
         return HeadOutput(output.logits)
 
