@@ -34,8 +34,8 @@ over the median batch time, the ratio the median of the per-batch speed ratios.
 
 Threads. On a machine shared with other jobs, two threads per process can be many times slower
 than one for the small matrix products of decoding (measured here under load 5: 1,000 products
-of 20x512 by 512x512 took 11 s with two threads, 0.25 s with one), so ``make bench`` runs this
-benchmark with one thread; ``--threads 2`` uses both cores.
+of 20x512 by 512x512 took 11 s with two threads, 0.25 s with one), so this benchmark runs with
+one thread by default, in ``make bench`` too; ``--threads 2`` uses both cores.
 
     python benchmarks/generation.py [--pairs 10] [--beam-batches 3] [--beam-batch 32] [--threads N]
 """
@@ -218,11 +218,11 @@ def run(
     beam_batch: int = 32,
     memory_steps: int = 2,
     warmup: int = 1,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> dict:
     """The training-step comparison (time and memory) and the beam-search comparison on
-    ``beam_batches`` batches of ``beam_batch`` concept sets, with ``threads`` threads (default:
-    torch's; the process's setting is restored after)."""
+    ``beam_batches`` batches of ``beam_batch`` concept sets, with ``threads`` threads (None or 0:
+    torch's setting; the process's setting is restored after)."""
     common.quiet()
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -308,14 +308,15 @@ def main() -> None:
     parser.add_argument("--beam-batches", type=int, default=3, help="batches to decode")
     parser.add_argument("--beam-batch", type=int, default=32, help="concept sets a batch")
     parser.add_argument("--memory-steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="0: torch's default")
     parser.add_argument("--memory", choices=ORDER, help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
-        torch.set_num_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         print(json.dumps(measure_memory(args.memory, args.batches, args.steps, args.backbone)))
         return
     result = run(
