@@ -18,10 +18,14 @@ cannot be downloaded here. Their extraction cost is ``extraction.py``'s subject.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import logging
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -191,3 +195,78 @@ def timed(run: Callable[[], Any]) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def alternate_steps(
+    trainees: dict[str, Trainee], batches: list[dict], pairs: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Step seconds of each trainee, one step each in turn on the same batch (A B A B ...),
+    after ``warmup`` steps each that are not counted."""
+    times: dict[str, list[float]] = {name: [] for name in trainees}
+    for index in range(warmup + pairs):
+        batch = batches[index % len(batches)]
+        for name, trainee in trainees.items():
+            seconds = timed(functools.partial(trainee.step, batch))
+            if index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def quartiles(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.2f}-{high:.2f}"
+
+
+# ------------------------------------------------------------- memory, in a fresh process
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> bool:
+    """Resets ``VmHWM`` to the current resident set (``clear_refs`` 5); False where the
+    kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def training_footprint(build: Callable[[], Any], batches: list[dict], steps: int) -> dict:
+    """Run in a fresh process (:func:`footprint_in_subprocess`): the MiB that building the
+    model from ``build`` and training it ``steps`` steps adds to the resident set at its peak
+    (parameters, gradients, AdamW state, the step's activations); the peak of loading the
+    weights is dropped by resetting the peak after the build."""
+    import lightning  # noqa: F401  (imported before the baseline, like everything else)
+
+    baseline = status_kib("VmRSS")
+    trainee = Trainee(build())
+    after_model = status_kib("VmRSS")
+    reset = reset_peak()
+    for index in range(steps):
+        trainee.step(batches[index % len(batches)])
+    peak = status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "footprint_mib": (peak - baseline) / 1024,
+        "model_mib": (after_model - baseline) / 1024,
+        "peak_reset": reset,
+    }
+
+
+def footprint_in_subprocess(script: str, arguments: list[str], what: str) -> dict:
+    """Runs ``script arguments`` in a fresh interpreter with ``MALLOC_MMAP_THRESHOLD_=65536``
+    (glibc then returns every freed block over 64 KiB at once, so the resident set follows the
+    live tensors) and returns the JSON object its last line prints."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, script, *arguments]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory run of {what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -39,11 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -78,31 +73,7 @@ def time_steps(
     trainees = {
         variant: common.Trainee(common.build_model(variant, backbone=backbone)) for variant in ORDER
     }
-    times: dict[str, list[float]] = {variant: [] for variant in ORDER}
-    for index in range(warmup + pairs):
-        batch = batches[index % len(batches)]
-        for variant, trainee in trainees.items():
-            seconds = common.timed(functools.partial(trainee.step, batch))
-            if index >= warmup:
-                times[variant].append(seconds)
-    return times
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+    return common.alternate_steps(trainees, batches, pairs, warmup)
 
 
 def measure_memory(
@@ -111,32 +82,16 @@ def measure_memory(
     """Run in a fresh process: the footprint in MiB of training ``variant`` (module docstring)."""
     common.quiet()
     batches = torch.load(batches_file, weights_only=False)
-    import lightning  # noqa: F401  (imported before the baseline, like everything else)
-
-    baseline = _status_kib("VmRSS")
-    trainee = common.Trainee(common.build_model(variant, backbone=backbone))
-    after_model = _status_kib("VmRSS")
-    reset = _reset_peak()
-    for index in range(steps):
-        trainee.step(batches[index % len(batches)])
-    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "footprint_mib": (peak - baseline) / 1024,
-        "model_mib": (after_model - baseline) / 1024,
-        "peak_reset": reset,
-    }
+    build = functools.partial(common.build_model, variant, backbone=backbone)
+    return common.training_footprint(build, batches, steps)
 
 
 def memory_in_subprocess(
     variant: str, batches_file: Path, steps: int, threads: int, backbone: str
 ) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    command = [sys.executable, __file__, "--memory", variant, "--batches", str(batches_file)]
-    command += ["--steps", str(steps), "--threads", str(threads), "--backbone", backbone]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"memory run of {variant!r} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--memory", variant, "--batches", str(batches_file), "--steps", str(steps)]
+    arguments += ["--threads", str(threads), "--backbone", backbone]
+    return common.footprint_in_subprocess(__file__, arguments, repr(variant))
 
 
 def run(pairs: int = 16, memory_steps: int = 3, shape: str = "minilm", warmup: int = 2) -> dict:
@@ -165,7 +120,7 @@ def run(pairs: int = 16, memory_steps: int = 3, shape: str = "minilm", warmup: i
     detail = (
         f"step time{SHAPES[shape]['label']} macsc {common.median(times['macsc']):.2f} s vs text "
         f"{common.median(times['text']):.2f} s (median ratio of {pairs} alternating pairs of "
-        f"steps, quartiles {_quartiles(ratios)}; batch 32, padded lengths {lengths}, "
+        f"steps, quartiles {common.quartiles(ratios)}; batch 32, padded lengths {lengths}, "
         f"{torch.get_num_threads()} threads); training footprint macsc "
         f"{memory['macsc']['footprint_mib']:.0f} MiB vs text {memory['text']['footprint_mib']:.0f}"
         f" MiB (targets <= {time_target:.2f}x time, <= {memory_target:.2f}x memory)"
@@ -177,13 +132,6 @@ def run(pairs: int = 16, memory_steps: int = 3, shape: str = "minilm", warmup: i
         "times": times,
         "shape": shape,
     }
-
-
-def _quartiles(values: list[float]) -> str:
-    if len(values) < 2:
-        return "n/a"
-    low, _, high = statistics.quantiles(values, n=4)
-    return f"{low:.2f}-{high:.2f}"
 
 
 def summary(result: dict) -> str:

@@ -71,12 +71,19 @@ def read_weights(checkpoint: dict[str, Any], source: str = "checkpoint") -> Moda
     if not isinstance(state, dict):
         raise CheckpointError(f"{source} holds no state dict")
     rho_logits = _state_entry(state, RHO_KEYS)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    task = hparams.get("task") if isinstance(hparams.get("task"), dict) else {}
+    if rho_logits is None and task.get("kind") == "generation":
+        # a MaCSC checkpoint all the same: its head has one output, so there is nothing to fuse
+        raise CheckpointError(
+            f"{source} is of a generation run (one decoder reads every modality, no late "
+            "fusion and no self-balancing), which learns no modality weights rho or pi_z"
+        )
     if not isinstance(rho_logits, torch.Tensor) or rho_logits.dim() != 1:
         raise CheckpointError(
             f"{source} has no modality weights ({' or '.join(RHO_KEYS)}); is it a MaCSC checkpoint?"
         )
     size = rho_logits.shape[0]
-    hparams = checkpoint.get("hyper_parameters") or {}
     modalities = list(hparams.get("modalities") or [])
     if len(modalities) != size:
         modalities = [f"modality{i}" for i in range(size)]
