@@ -91,14 +91,14 @@ def _tiny_open_clip_config(heads: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, tiny_backbone):
-    """A base configuration and the alternative values of the kind's own options, per kind.
-    open_clip's pretrained tags are registered for two tiny architectures (which differ only in
-    their number of heads), and its download is served from local files: nothing is fetched."""
+def sources(tmp_path_factory, request):
+    """``source(kind)``: a base configuration and alternative values of the kind's own options,
+    its files written on first use. open_clip's pretrained tags are registered for two tiny
+    architectures (which differ only in their number of heads), and its download is served
+    from local files: nothing is fetched."""
     import open_clip
     import open_clip.pretrained
     from open_clip.factory import _MODEL_CONFIGS
-    from transformers import BertModel
 
     folder = tmp_path_factory.mktemp("cache_key_sources")
 
@@ -106,54 +106,66 @@ def sources(tmp_path_factory, tiny_backbone):
         torch.save(state, folder / name)
         return str(folder / name)
 
-    tags = {
-        f"weights_{tag}": {"url": saved(f"{tag}.pt", openai_text_state(seed))}
-        for tag, seed in (("a", 3), ("b", 4))
+    def open_clip_source() -> Source:
+        for tag, seed in (("a", 3), ("b", 4)):
+            tags[f"weights_{tag}"]["url"] = saved(f"{tag}.pt", openai_text_state(seed))
+        return Source(
+            {"model_name": "macsc-key-tiny", "pretrained": "weights_a", "k": K},
+            {
+                "model_name": "macsc-key-tiny-4heads",
+                "pretrained": "weights_b",
+                "checkpoint": saved("open_clip.pt", openai_text_state(5)),
+                "quick_gelu": False,
+            },
+        )
+
+    def hf_source() -> Source:
+        from transformers import BertModel
+
+        backbone = request.getfixturevalue("tiny_backbone")
+        other = folder / "other_bert"
+        shutil.copytree(backbone, other)
+        model = BertModel.from_pretrained(backbone)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        model.save_pretrained(other)
+        return Source(
+            {"model_name": backbone, "context_length": 16, "k": K},
+            {"model_name": str(other), "context_length": 10},
+        )
+
+    makers = {
+        "gaussian": lambda: Source(
+            {"dim": 8, "k": 3}, {"dim": 6, "k": 2, "seed": 1, "std": 2.0, "stream": "image"}
+        ),
+        "audioclip": lambda: Source(
+            {"checkpoint": saved("audioclip.pt", audioclip_state(0)), "k": K},
+            {"checkpoint": saved("audioclip-other.pt", audioclip_state(1))},
+        ),
+        "clip_vip": lambda: Source(
+            {"checkpoint": saved("clipvip.pt", clip_vip_state(1)), "k": K},
+            {"checkpoint": saved("clipvip-other.pt", clip_vip_state(2))},
+        ),
+        "open_clip": open_clip_source,
+        "hf": hf_source,
     }
+    made: dict[str, Source] = {}
 
-    def download(tag_cfg, cache_dir=None):
-        return tag_cfg["url"]
+    def source(kind: str) -> Source:
+        if kind not in made:
+            made[kind] = makers[kind]()
+        return made[kind]
 
-    other_bert = folder / "other_bert"
-    shutil.copytree(tiny_backbone, other_bert)
-    model = BertModel.from_pretrained(tiny_backbone)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save_pretrained(other_bert)
-
+    tags = {"weights_a": {"url": ""}, "weights_b": {"url": ""}}
     with pytest.MonkeyPatch.context() as patch:
         for name, heads in (("macsc-key-tiny", HEADS), ("macsc-key-tiny-4heads", 2 * HEADS)):
             patch.setitem(_MODEL_CONFIGS, name, _tiny_open_clip_config(heads))
             patch.setitem(open_clip.pretrained._PRETRAINED, name, tags)
-        patch.setattr(open_clip.pretrained, "download_pretrained", download)
-        yield {
-            "gaussian": Source(
-                {"dim": 8, "k": 3},
-                {"dim": 6, "k": 2, "seed": 1, "std": 2.0, "stream": "image"},
-            ),
-            "audioclip": Source(
-                {"checkpoint": saved("audioclip.pt", audioclip_state(0)), "k": K},
-                {"checkpoint": saved("audioclip-other.pt", audioclip_state(1))},
-            ),
-            "clip_vip": Source(
-                {"checkpoint": saved("clipvip.pt", clip_vip_state(1)), "k": K},
-                {"checkpoint": saved("clipvip-other.pt", clip_vip_state(2))},
-            ),
-            "open_clip": Source(
-                {"model_name": "macsc-key-tiny", "pretrained": "weights_a", "k": K},
-                {
-                    "model_name": "macsc-key-tiny-4heads",
-                    "pretrained": "weights_b",
-                    "checkpoint": saved("open_clip.pt", openai_text_state(5)),
-                    "quick_gelu": False,
-                },
-            ),
-            "hf": Source(
-                {"model_name": tiny_backbone, "context_length": 16, "k": K},
-                {"model_name": str(other_bert), "context_length": 10},
-            ),
-        }
+        patch.setattr(
+            open_clip.pretrained, "download_pretrained", lambda tag, cache_dir=None: tag["url"]
+        )
+        yield source
 
 
 def _table(extractor, cache_dir):
@@ -178,7 +190,7 @@ def stored(sources, tmp_path_factory):
     def entry(kind):
         if kind not in tables:
             cache = tmp_path_factory.mktemp(f"cache_{kind}")
-            table = _table(build_extractor(kind, **sources[kind].base), cache)
+            table = _table(build_extractor(kind, **sources(kind).base), cache)
             assert table.built and table.path is not None
             tables[kind] = cache, table
         return tables[kind]
@@ -193,7 +205,7 @@ OPTIONS = [(kind, option) for kind in available_extractors() for option in extra
 def test_every_option_changes_the_cache_entry_or_not_the_prototypes(
     sources, stored, kind, option, tmp_path
 ):
-    source = sources[kind]
+    source = sources(kind)
     alternatives = {**TOKEN_ALTERNATIVES, **source.alternatives}
     known = {*alternatives, *NO_EFFECT, *NEVER_CACHED}
     assert option in known, (
@@ -230,3 +242,49 @@ def _no_effect_value(option: str, tmp_path: Path) -> Any:
 def test_what_a_subclass_passes_itself_is_no_option():
     with pytest.raises(ConfigError, match="no option 'tokenizer'"):
         build_extractor("audioclip", checkpoint="x.pt", tokenizer=None)
+
+
+def test_a_hub_models_revision_names_its_weights(tmp_path, tiny_backbone, monkeypatch):
+    """A hub name is identified by the snapshot its revision resolves to (served here from a
+    Hugging Face cache written by the test, offline): two revisions with different weights get
+    two cache entries, and each its own prototypes."""
+    import huggingface_hub.constants
+    from transformers import BertModel
+
+    repo = tmp_path / "hub" / "models--macsc--tiny"
+    commits = {"main": "a" * 40, "v1": "b" * 40}
+    for ref, commit in commits.items():
+        shutil.copytree(tiny_backbone, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    model = BertModel.from_pretrained(tiny_backbone)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(-1.0)
+    model.save_pretrained(repo / "snapshots" / commits["v1"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    options = {"model_name": "macsc/tiny", "context_length": 16, "k": K}
+    main, v1 = build_extractor("hf", **options), build_extractor("hf", revision="v1", **options)
+    assert main.identity()["weights"] == f"hub:macsc/tiny@{commits['main']}"
+    assert v1.identity()["weights"] == f"hub:macsc/tiny@{commits['v1']}"
+    cache = tmp_path / "cache"
+    stored, cached = _table(main, cache), _table(v1, cache)
+    assert cached.built and cached.path != stored.path
+    assert _same(cached, _table(v1, False)) and not _same(cached, stored)
+
+
+def test_a_folders_weights_are_named_by_every_files_content(tiny_backbone, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_backbone, folder)
+    options = {"context_length": 16, "k": K}
+    before = build_extractor("hf", model_name=str(folder), **options).identity()["weights"]
+    files = sorted(path.name for path in folder.iterdir())
+    assert (
+        before.startswith("files:")
+        and [part.split("=")[0] for part in before[6:].split(",")] == files
+    )
+    assert all(len(part.split("=")[1]) == 16 for part in before[6:].split(","))
+    with open(folder / "vocab.txt", "a", encoding="utf-8") as handle:
+        handle.write("\n")  # any file, not only the weights
+    after = build_extractor("hf", model_name=str(folder), **options).identity()["weights"]
+    assert after != before
