@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 
-.PHONY: install demo test lint format bench table clean
+.PHONY: install demo test lint format bench table mutation clean
 
 # Reinstalled only when the requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -41,5 +41,10 @@ table: $(STAMP)
 	@test -n "$(T)" || { echo "make table: name the table, e.g. make table T=1 (or T=1,4 or T=all)"; exit 2; }
 	$(PYTHON) scripts/run_table.py --table $(T) $(ARGS)
 
+# Mutation testing of the method's core with mutmut (~20 min on 2 cores; not part of CI):
+# README "Mutation testing". ARGS=--report prints the last run's report again.
+mutation: $(STAMP)
+	$(PYTHON) scripts/mutation.py $(ARGS)
+
 clean:
-	rm -rf runs lightning_logs .pytest_cache
+	rm -rf runs lightning_logs .pytest_cache mutants

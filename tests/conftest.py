@@ -8,6 +8,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,9 +47,27 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int 
     return folder
 
 
+def shared_model(tmp_path_factory, name: str, write) -> str:
+    """A tiny model folder written once per session, or once for every session when
+    ``MACSC_TEST_MODELS`` names a folder (``make mutation`` runs thousands of short sessions)."""
+    shared = os.environ.get("MACSC_TEST_MODELS")
+    if not shared:
+        return str(write(tmp_path_factory.mktemp(name)))
+    folder = Path(shared) / name
+    if not (folder / "config.json").exists():
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=shared, prefix=f".{name}-"))
+        write(staging)
+        try:
+            staging.rename(folder)  # atomic: a session writing the same model at once may win
+        except OSError:
+            shutil.rmtree(staging)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
-    return str(write_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+    return shared_model(tmp_path_factory, "tiny_bert", write_tiny_bert)
 
 
 @pytest.fixture(autouse=True)
@@ -83,4 +102,4 @@ def write_tiny_t5(folder: Path, d_model: int = 32) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> str:
-    return str(write_tiny_t5(tmp_path_factory.mktemp("tiny_t5")))
+    return shared_model(tmp_path_factory, "tiny_t5", write_tiny_t5)

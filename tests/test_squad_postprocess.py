@@ -71,6 +71,17 @@ def test_end_before_start_and_too_long_spans_are_skipped():
     assert predictions["q"] == "Paris is"
 
 
+@pytest.mark.parametrize(("limit", "answer"), [(3, "Paris is the"), (2, "Paris is")])
+def test_an_answer_exactly_max_answer_length_tokens_long_is_allowed(limit, answer):
+    # As Hugging Face's utils_qa.py: a span is skipped only when end - start + 1 > the limit.
+    starts = [logits(p4=6.0)]
+    ends = [logits(p6=6.0, p5=1.0)]  # tokens 4..6 "Paris is the" (3 tokens) or 4..5 (2)
+    predictions, _ = postprocess_qa_predictions(
+        EXAMPLES, features(), starts, ends, max_answer_length=limit
+    )
+    assert predictions["q"] == answer
+
+
 def test_n_best_limits_the_candidates():
     starts = [logits(p9=6.0, p4=5.0)]
     ends = [logits(p5=6.0, p10=1.0)]
@@ -117,6 +128,34 @@ def test_version_2_null_threshold():
     assert kept == {"q": "France."}
     v1, _ = postprocess_qa_predictions(EXAMPLES, features(), starts, ends, version_2=False)
     assert v1 == {"q": "France."}
+
+
+def test_null_odds_exactly_at_the_threshold_keep_the_span():
+    # Hugging Face's utils_qa.py and the official v2.0 script both answer "" only when the
+    # odds exceed the threshold (score_diff > threshold, na_prob > na_prob_thresh).
+    starts = [logits(p0=5.0, p9=3.0)]
+    ends = [logits(p0=5.0, p10=3.0)]  # null 10, best span 6: odds exactly 4
+    at, odds = postprocess_qa_predictions(
+        EXAMPLES, features(), starts, ends, version_2=True, null_threshold=4.0
+    )
+    assert odds == {"q": 4.0} and at == {"q": "France."}
+    below, _ = postprocess_qa_predictions(
+        EXAMPLES, features(), starts, ends, version_2=True, null_threshold=3.75
+    )
+    assert below == {"q": ""}
+    assert apply_null_threshold({"q": "France."}, odds, 4.0) == {"q": "France."}
+    assert apply_null_threshold({"q": "France."}, odds, 3.75) == {"q": ""}
+
+
+def test_a_na_prob_exactly_at_the_threshold_counts_as_answered():
+    examples = [
+        {"id": "has", "context": CONTEXT, "answers": {"text": ["France"], "answer_start": [24]}}
+    ]
+    predictions = {"has": "France"}
+    at = evaluate_v2(examples, predictions, {"has": 0.5}, na_prob_thresh=0.5)
+    assert at["exact"] == 100.0
+    above = evaluate_v2(examples, predictions, {"has": 0.625}, na_prob_thresh=0.5)
+    assert above["exact"] == 0.0
 
 
 def test_several_examples_in_any_feature_order_and_partial_passes():

@@ -14,6 +14,7 @@ from .base import (
     Prototypes,
     available_extractors,
     build_extractor,
+    extractor_options,
     register_extractor,
 )
 from .cache import (
@@ -60,6 +61,7 @@ __all__ = [
     "available_extractors",
     "build_extractor",
     "build_prototype_cache",
+    "extractor_options",
     "cache_files",
     "check_storage_dtype",
     "index_texts",

@@ -151,12 +151,22 @@ def build_extractor(kind: str, **options: Any) -> PrototypeExtractor:
     return factory(**options)
 
 
+def extractor_options(kind: str) -> list[str]:
+    """The option names :func:`build_extractor` accepts for the registered ``kind``, sorted."""
+    if kind not in _REGISTRY:
+        raise ConfigError(
+            f"unknown prototype extractor kind {kind!r}; choose one of {available_extractors()}"
+        )
+    return sorted(_options_of(_REGISTRY[kind])[0])
+
+
 def _options_of(factory: type) -> tuple[set[str], list[str]]:
     """The option names an extractor class accepts, and those it requires.
 
     A class whose ``__init__`` takes ``**options`` forwards them to its parent, so the names are
     collected along the class hierarchy until an ``__init__`` without ``**``: every option is
-    declared once, where it is used, and still checked here by name.
+    declared once, where it is used, and still checked here by name. Positional-only
+    parameters are what a subclass passes itself (a tower, a tokenizer), never options.
     """
     accepted: set[str] = set()
     required: list[str] = []
@@ -168,7 +178,10 @@ def _options_of(factory: type) -> tuple[set[str], list[str]]:
         for parameter in parameters:
             if parameter.kind is inspect.Parameter.VAR_KEYWORD:
                 forwards = True
-            elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+            elif parameter.kind not in (
+                inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.POSITIONAL_ONLY,
+            ):
                 accepted.add(parameter.name)
                 if parameter.default is inspect.Parameter.empty and klass is factory:
                     required.append(parameter.name)

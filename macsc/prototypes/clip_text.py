@@ -188,7 +188,7 @@ def _block_input(args: tuple, kwargs: dict[str, Any]) -> Tensor:
 class ClipTextExtractor(TokenPrototypeExtractor):
     """Prototypes from a causal CLIP text tower: SPEC 1 steps 1-6 with CLIP's BPE (SOT/EOT)."""
 
-    def __init__(self, tower: ClipTextTower, tokenizer: Any, **options: Any) -> None:
+    def __init__(self, tower: ClipTextTower, tokenizer: Any, /, **options: Any) -> None:
         super().__init__(**options)
         self.tower = tower
         self.tokenizer = tokenizer

@@ -1,0 +1,238 @@
+"""The pooled heads' evaluation (classification and regression; SPEC 3-4) on crafted outputs:
+metrics and per-example records against values computed by hand, without a model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from macsc.heads import EvaluationContext, HeadOutput, build_task_head
+from macsc.task import TaskSpec
+from tasks.base import TextSplit
+
+BRANCHES = ["fused", "text", "image"]
+RHO = torch.tensor([0.4, -0.2])  # rho = softmax: [0.6457, 0.3543]
+
+
+class Examples:
+    """What a data module's ``evaluation_split`` gives: the split's ids and texts."""
+
+    def __init__(self, split: TextSplit) -> None:
+        self.split = split
+
+    def evaluation_split(self, stage, name):
+        assert (stage, name) == ("val", "validation")
+        return self.split
+
+
+def evaluate(head, batches, split=None):
+    """make_metrics -> update_metrics per batch -> compute_metrics, as the model does."""
+    metrics = head.make_metrics(BRANCHES)
+    for outputs, batch in batches:
+        head.update_metrics(metrics, HeadOutput(outputs), None, RHO, batch)
+    context = EvaluationContext("val", "validation", Examples(split) if split else None)
+    return head.compute_metrics(metrics, context)
+
+
+def mixture(logits: torch.Tensor) -> list[list[float]]:
+    """Eq. 11 per example, written out: sum_m rho_m softmax(z_m)."""
+    rho = [math.exp(r) / sum(math.exp(x) for x in RHO.tolist()) for r in RHO.tolist()]
+    fused = []
+    for b in range(logits.shape[1]):
+        row = [0.0] * logits.shape[2]
+        for m in range(logits.shape[0]):
+            exps = [math.exp(v) for v in logits[m, b].tolist()]
+            for c, e in enumerate(exps):
+                row[c] += rho[m] * e / sum(exps)
+        fused.append(row)
+    return fused
+
+
+# branch logits (M=2, B=5, C=3); the text branch predicts 0 1 2 0 2, the image branch 2 2 2 0 1
+LOGITS = torch.tensor(
+    [
+        [[3.0, 0, 0], [0, 2, 0], [0, 0, 1], [1, 0, 0], [0, 0.5, 1]],
+        [[0, 0, 0.5], [0, 0, 3], [0, 0, 4], [4, 0, 0], [0, 2, 0]],
+    ]
+)
+LABELS = torch.tensor([0, 1, 2, 2, 1])
+NAMES = ["entailment", "neutral", "contradiction"]
+
+
+def classification_head(num_labels=3, metrics=("accuracy", "f1"), names=NAMES):
+    spec = TaskSpec("classification", num_labels, list(metrics), label_names=names)
+    return build_task_head(spec, num_branches=2, hidden_size=4)
+
+
+def macro_f1(predicted: list[int], gold: list[int], classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(predicted, gold, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(predicted, gold, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / classes
+
+
+def test_classification_metrics_and_records_by_hand():
+    texts = [f"sentence {i}" for i in range(5)]
+    split = TextSplit("validation", "crafted", [texts], LABELS.tolist(), ids=list("abcde"))
+    # two batches out of order, the second repeating example 1 (the distributed sampler's pad)
+    first = (LOGITS[:, [3, 4]], {"labels": LABELS[[3, 4]], "example_index": torch.tensor([3, 4])})
+    second_rows = [0, 1, 2, 1]
+    second = (
+        LOGITS[:, second_rows],
+        {"labels": LABELS[second_rows], "example_index": torch.tensor(second_rows)},
+    )
+    result = evaluate(classification_head(), [first, second], split)
+
+    fused = mixture(LOGITS)
+    predicted = [max(range(3), key=row.__getitem__) for row in fused]
+    gold = LABELS.tolist()
+    # the duplicate of example 1 is scored twice by the metric objects, as torchmetrics does
+    scored_predicted = [predicted[i] for i in (3, 4, 0, 1, 2, 1)]
+    scored_gold = [gold[i] for i in (3, 4, 0, 1, 2, 1)]
+    accuracy = sum(p == g for p, g in zip(scored_predicted, scored_gold, strict=True)) / 6
+    assert result.metrics["accuracy"] == pytest.approx(accuracy)
+    assert result.metrics["f1"] == pytest.approx(macro_f1(scored_predicted, scored_gold, 3))
+    for m, branch in enumerate(["text", "image"]):
+        branch_predicted = [int(LOGITS[m, i].argmax()) for i in (3, 4, 0, 1, 2, 1)]
+        right = sum(p == g for p, g in zip(branch_predicted, scored_gold, strict=True))
+        assert result.metrics[f"accuracy/{branch}"] == pytest.approx(right / 6)
+        assert result.metrics[f"f1/{branch}"] == pytest.approx(
+            macro_f1(branch_predicted, scored_gold, 3)
+        )
+    assert set(result.metrics) == {"accuracy", "f1", "accuracy/text", "f1/text"} | {
+        "accuracy/image",
+        "f1/image",
+    }
+
+    assert [record["id"] for record in result.records] == list("abcde")  # in split order, once
+    for i, record in enumerate(result.records):
+        assert record == {
+            "id": "abcde"[i],
+            "text": f"sentence {i}",
+            "gold": NAMES[gold[i]],
+            "prediction": NAMES[predicted[i]],
+            "probability": pytest.approx(fused[i][predicted[i]], abs=1e-6),
+            "correct": predicted[i] == gold[i],
+            "branches": {
+                "text": NAMES[int(LOGITS[0, i].argmax())],
+                "image": NAMES[int(LOGITS[1, i].argmax())],
+            },
+        }
+    assert round(result.records[0]["probability"], 6) == result.records[0]["probability"]
+
+
+def test_the_state_is_reset_after_each_evaluation():
+    head = classification_head()
+    metrics = head.make_metrics(BRANCHES)
+    batch = {"labels": LABELS, "example_index": torch.arange(5)}
+    head.update_metrics(metrics, HeadOutput(LOGITS), None, RHO, batch)
+    head.compute_metrics(metrics, EvaluationContext("val", "validation"))
+    first_two = {"labels": LABELS[:2], "example_index": torch.arange(2)}
+    head.update_metrics(metrics, HeadOutput(LOGITS[:, :2]), None, RHO, first_two)
+    again = head.compute_metrics(metrics, EvaluationContext("val", "validation"))
+    assert [record["id"] for record in again.records] == [0, 1]  # positions: no split known
+    fused = mixture(LOGITS[:, :2])
+    right = sum(
+        max(range(3), key=row.__getitem__) == g for row, g in zip(fused, [0, 1], strict=True)
+    )
+    assert again.metrics["accuracy"] == pytest.approx(right / 2)
+
+
+def test_binary_f1_is_the_positive_class_f1():
+    logits = torch.tensor([[[0.0, 2], [2, 0], [0, 2], [0, 2]], [[0.0, 2], [2, 0], [2, 0], [0, 2]]])
+    labels = torch.tensor([1, 1, 0, 1])
+    head = classification_head(2, ("f1",), names=None)
+    result = evaluate(head, [(logits, {"labels": labels, "example_index": torch.arange(4)})])
+    predicted = [max(range(2), key=row.__getitem__) for row in mixture(logits)]
+    tp = sum(p == 1 and g == 1 for p, g in zip(predicted, labels.tolist(), strict=True))
+    fp = sum(p == 1 and g == 0 for p, g in zip(predicted, labels.tolist(), strict=True))
+    fn = sum(p == 0 and g == 1 for p, g in zip(predicted, labels.tolist(), strict=True))
+    assert result.metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert result.records[0]["gold"] == 1 and result.records[0]["branches"]["text"] == 1
+
+
+def test_unlabelled_batches_add_records_without_gold_and_no_metrics():
+    head = classification_head()
+    unlabelled = {"labels": torch.full((5,), -1), "example_index": torch.arange(5)}
+    result = evaluate(head, [(LOGITS, unlabelled)])
+    assert result.metrics == {}
+    assert [record["gold"] for record in result.records] == [None] * 5
+    assert [record["correct"] for record in result.records] == [None] * 5
+    predicted = [max(range(3), key=row.__getitem__) for row in mixture(LOGITS)]
+    assert [record["prediction"] for record in result.records] == [NAMES[p] for p in predicted]
+
+
+BINS = [0.0, 1.0, 2.0, 3.0]
+PREDICTIONS = torch.tensor([[0.2, 1.4, 2.6, 2.9, 0.8], [0.6, 0.9, 3.3, 1.2, 0.1]])
+SCORES = torch.tensor([0.0, 1.5, 3.0, 2.2, 0.4])
+
+
+def regression_head(metrics=("spearman", "pearson", "mse")):
+    spec = TaskSpec("regression", 1, list(metrics), label_bins=BINS)
+    return build_task_head(spec, num_branches=2, hidden_size=4)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return [float(order.index(i)) for i in range(len(values))]
+
+
+def test_regression_metrics_and_records_by_hand():
+    rho = torch.softmax(RHO, 0).tolist()
+    fused = [rho[0] * a + rho[1] * b for a, b in zip(*PREDICTIONS.tolist(), strict=True)]
+    gold = SCORES.tolist()
+    batch = {"labels": SCORES, "example_index": torch.arange(5)}
+    result = evaluate(regression_head(), [(PREDICTIONS, batch)])
+    assert result.metrics["pearson"] == pytest.approx(pearson(fused, gold), abs=1e-5)
+    assert result.metrics["spearman"] == pytest.approx(pearson(ranks(fused), ranks(gold)), abs=1e-5)
+    mse = sum((f - g) ** 2 for f, g in zip(fused, gold, strict=True)) / 5
+    assert result.metrics["mse"] == pytest.approx(mse, abs=1e-6)
+    assert result.metrics["pearson/image"] == pytest.approx(
+        pearson(PREDICTIONS[1].tolist(), gold), abs=1e-5
+    )
+
+    def nearest(value: float) -> int:
+        return min(range(len(BINS)), key=lambda i: (abs(value - BINS[i]), i))
+
+    for i, record in enumerate(result.records):
+        assert record == {
+            "id": i,
+            "gold": pytest.approx(gold[i]),
+            "prediction": pytest.approx(fused[i], abs=1e-6),
+            "correct": nearest(fused[i]) == nearest(gold[i]),
+            "branches": {
+                "text": pytest.approx(PREDICTIONS[0, i].item(), abs=1e-6),
+                "image": pytest.approx(PREDICTIONS[1, i].item(), abs=1e-6),
+            },
+        }
+    assert any(record["correct"] for record in result.records)
+    assert not all(record["correct"] for record in result.records)
+
+
+def test_unlabelled_regression_records():
+    result = evaluate(regression_head(), [(PREDICTIONS, {"example_index": torch.arange(5)})])
+    assert result.metrics == {}
+    assert [(r["gold"], r["correct"]) for r in result.records] == [(None, None)] * 5
+
+
+def test_regression_loss_keys_and_prior_classes():
+    head = regression_head()
+    assert "bins" not in head.state_dict()  # not in checkpoints: the task spec holds them
+    rho = torch.softmax(RHO, 0)
+    loss = head.aggregation_loss(PREDICTIONS, RHO, {"labels": SCORES})
+    fused = rho[0] * PREDICTIONS[0] + rho[1] * PREDICTIONS[1]
+    assert loss.item() == pytest.approx(((fused - SCORES) ** 2).mean().item(), rel=1e-6)
+    # nearest bin centre, a tie (1.5) going to the lower one
+    assert head.positive_keys({"labels": SCORES}).tolist() == [0, 1, 3, 2, 0]
+    assert head.prior_classes(SCORES).tolist() == [0, 1, 3, 2, 0]
