@@ -43,7 +43,9 @@ table: $(STAMP)
 
 # Mutation testing of the method's core with mutmut (~20 min on 2 cores; not part of CI):
 # README "Mutation testing". ARGS=--report prints the last run's report again.
+# mutmut is installed here only: CI and the tests do not need it.
 mutation: $(STAMP)
+	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install --disable-pip-version-check -q 'mutmut>=3.8'
 	$(PYTHON) scripts/mutation.py $(ARGS)
 
 clean:

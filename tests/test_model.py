@@ -154,9 +154,7 @@ def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
 def test_calibration_module_equals_functional_eq13():
     torch.manual_seed(0)
     modalities = ["text", "image", "audio"]
-    calibration = SelfBalancingCalibration(
-        modalities, hidden_size=8, proj_dim=5, tau=0.2, weight_normalization="positives"
-    )
+    calibration = SelfBalancingCalibration(modalities, hidden_size=8, proj_dim=5, tau=0.2)
     with torch.no_grad():
         calibration.z.copy_(torch.randn(3, 3))
     pooled = torch.randn(3, 6, 8)
