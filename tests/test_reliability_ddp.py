@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
-from test_cli import demo_args
+from test_cli import demo_args, event_tags
 from transformers import AutoTokenizer
 
 import macsc.objective as objective
@@ -92,58 +91,75 @@ def rows(batch: dict, part: slice, width: int | None = None, text: bool = False)
     return value[:, :width] if width is not None and text and value.dim() == 2 else value
 
 
-def ddp_worker(fabric, backbone: str, batch: dict, out: Path, kind: str) -> None:
-    """One rank: its half of the batch through DDP; rank 0 saves what the ranks saw and computed
-    to ``out`` (a file: the gradients are too big for the launcher's return pipe)."""
+KINDS = ("classification", "span")
+
+
+def ddp_worker(fabric, backbone: str, batches: dict, out: Path) -> None:
+    """One rank, per task kind: its half of the kind's batch through DDP; rank 0 saves what the
+    ranks saw and computed to ``out`` (a file: the gradients are too big for the launcher's
+    return pipe). Both kinds share one launch: starting two ranks costs more than the steps."""
     torch.set_num_threads(1)
-    model = loss_model(backbone, gather=True, kind=kind)
-    seen_keys = []
     gather = objective.gather_batch
+    results = {}
+    for kind, batch in batches.items():
+        model = loss_model(backbone, gather=True, kind=kind)
+        seen_keys = []
 
-    def recording_gather(*args):
-        out = gather(*args)
-        seen_keys.append(out[2])
-        return out
+        def recording_gather(*args, seen_keys=seen_keys):
+            out = gather(*args)
+            seen_keys.append(out[2])
+            return out
 
-    objective.gather_batch = recording_gather
-    ddp = fabric.setup_module(model)
-    half = len(LABELS) // 2
-    mine = slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)
-    # each rank pads to its own longest sample, so span distributions differ in length
-    width = int(batch["attention_mask"][mine].sum(-1).max()) if kind == "span" else None
-    losses = ddp(rows(batch, mine, width))
-    fabric.backward(losses["total"])  # DDP averages the gradients over the ranks
-    result = {
-        "wa": fabric.all_gather(losses["wa"].detach()),
-        "msb": fabric.all_gather(losses["msb"].detach()),
-        "keys": fabric.all_gather(seen_keys[0]).tolist(),
-        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-    }
+        objective.gather_batch = recording_gather
+        ddp = fabric.setup_module(model)
+        half = len(LABELS) // 2
+        mine = slice(fabric.global_rank * half, (fabric.global_rank + 1) * half)
+        # each rank pads to its own longest sample, so span distributions differ in length
+        width = int(batch["attention_mask"][mine].sum(-1).max()) if kind == "span" else None
+        losses = ddp(rows(batch, mine, width))
+        fabric.backward(losses["total"])  # DDP averages the gradients over the ranks
+        results[kind] = {
+            "wa": fabric.all_gather(losses["wa"].detach()),
+            "msb": fabric.all_gather(losses["msb"].detach()),
+            "keys": fabric.all_gather(seen_keys[0]).tolist(),
+            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        }
+    objective.gather_batch = gather
     if fabric.global_rank == 0:
-        torch.save(result, out)
+        torch.save(results, out)
 
 
-@pytest.mark.parametrize("kind", ["classification", "span"])
-def test_two_ranks_compute_the_single_process_loss_and_gradients(tiny_backbone, tmp_path, kind):
-    single = loss_model(tiny_backbone, gather=False, kind=kind)
-    batch = full_batch(single, tiny_backbone, kind)
-    expected = single(batch)
-    expected["total"].backward()
+def test_two_ranks_compute_the_single_process_loss_and_gradients(tiny_backbone, tmp_path):
+    """Classification (label positives) and span (identity positives, ragged widths)."""
+    singles, batches = {}, {}
+    for kind in KINDS:
+        singles[kind] = loss_model(tiny_backbone, gather=False, kind=kind)
+        batches[kind] = full_batch(singles[kind], tiny_backbone, kind)
 
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
-    fabric.launch(ddp_worker, tiny_backbone, batch, tmp_path / "ranks.pt", kind)
-    got = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    fabric.launch(ddp_worker, tiny_backbone, batches, tmp_path / "ranks.pt")
+    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
 
-    # every rank computed L_msb over all 2b examples: the single-process value, on both ranks
-    torch.testing.assert_close(got["msb"], expected["msb"].detach().expand(2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(got["wa"].mean(), expected["wa"].detach(), atol=1e-5, rtol=0)
-    # both ranks gathered the same, complete label set (identity keys: offset by rank)
-    expected_keys = LABELS if kind == "classification" else list(range(len(LABELS)))
-    assert got["keys"] == [expected_keys, expected_keys]
-    grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
-    assert grads.keys() == got["grads"].keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    for kind in KINDS:
+        single, got = singles[kind], ranks[kind]
+        expected = single(batches[kind])
+        expected["total"].backward()
+        # every rank computed L_msb over all 2b examples: the single-process value, on both
+        torch.testing.assert_close(
+            got["msb"], expected["msb"].detach().expand(2), atol=1e-5, rtol=0, msg=kind
+        )
+        torch.testing.assert_close(
+            got["wa"].mean(), expected["wa"].detach(), atol=1e-5, rtol=0, msg=kind
+        )
+        # both ranks gathered the same, complete label set (identity keys: offset by rank)
+        expected_keys = LABELS if kind == "classification" else list(range(len(LABELS)))
+        assert got["keys"] == [expected_keys, expected_keys], kind
+        grads = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
+        assert grads.keys() == got["grads"].keys(), kind
+        for name, grad in grads.items():
+            torch.testing.assert_close(
+                got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=f"{kind} {name}"
+            )
 
 
 class RankRecorder(L.Callback):
@@ -171,6 +187,7 @@ class RankRecorder(L.Callback):
 
 
 def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone, tmp_path):
+    """The demo through the CLI on two CPU ranks (gloo), with the cases DDP makes hard."""
     overlay = tmp_path / "callbacks.yaml"
     overlay.write_text(
         "trainer:\n  callbacks:\n"
@@ -193,6 +210,8 @@ def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped the batch of global step 1" in result.stderr
+    scalars, _ = event_tags(tmp_path)  # rank 0 logs the modality weights
+    assert "weights/rho/image" in scalars and "weights/pair/image->audio" in scalars
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["prior"] == ranks[1]["prior"] and ranks[0]["labels"] == ranks[1]["labels"]
