@@ -126,3 +126,10 @@ def test_agreement_is_the_mean_similarity_over_positive_pairs():
         total = sum(math.exp(z[m, k]) for k in others)
         for k in others:
             assert out.pi_z[m, k].item() == pytest.approx(math.exp(z[m, k]) / total, rel=1e-6)
+
+
+def test_pair_index_buffers_stay_out_of_the_state_dict():
+    # the checkpoint holds only proj_weight, proj_bias and z (the pair indices follow from the
+    # modality list), so old checkpoints load strictly
+    calibration = SelfBalancingCalibration(["text", "image", "audio"], hidden_size=4)
+    assert sorted(calibration.state_dict()) == ["proj_bias", "proj_weight", "z"]

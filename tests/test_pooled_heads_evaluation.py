@@ -236,3 +236,38 @@ def test_regression_loss_keys_and_prior_classes():
     # nearest bin centre, a tie (1.5) going to the lower one
     assert head.positive_keys({"labels": SCORES}).tolist() == [0, 1, 3, 2, 0]
     assert head.prior_classes(SCORES).tolist() == [0, 1, 3, 2, 0]
+
+
+def test_stacked_linear_is_m_linear_maps_with_the_default_uniform_init():
+    from macsc.heads.base import StackedLinear
+
+    torch.manual_seed(0)
+    layer = StackedLinear(branches=3, in_features=16, out_features=200)
+    bound = 1 / math.sqrt(16)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.weight.shape == (3, 200, 16) and layer.bias.shape == (3, 200)
+    for values in (layer.weight, layer.bias):
+        assert values.abs().max() <= bound
+        assert values.min() < -0.9 * bound and values.max() > 0.9 * bound
+    x = torch.randn(3, 2, 5, 16)  # (M, B, L, d)
+    expected = torch.stack(
+        [x[m] @ layer.weight[m].T + layer.bias[m] for m in range(3)]
+    )  # branch m's own nn.Linear
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_example_outputs_before_any_update_and_with_repeated_examples():
+    from macsc.heads.records import ExampleOutputs
+
+    empty = ExampleOutputs("score").compute()
+    assert list(empty) == ["index"] and empty["index"].shape == (0,)
+    assert empty["index"].dtype == torch.long
+    outputs = ExampleOutputs("score")
+    # the distributed sampler repeats examples: the first values seen of each index are kept
+    index = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    outputs.update(index, score=torch.arange(len(index), dtype=torch.float))
+    first_seen: dict[int, float] = {}
+    for position, example in enumerate(index.tolist()):
+        first_seen.setdefault(example, float(position))
+    result = outputs.compute()
+    assert result["index"].tolist() == sorted(first_seen)
+    assert result["score"].tolist() == [first_seen[i] for i in sorted(first_seen)]
