@@ -133,3 +133,11 @@ def test_pair_index_buffers_stay_out_of_the_state_dict():
     # modality list), so old checkpoints load strictly
     calibration = SelfBalancingCalibration(["text", "image", "audio"], hidden_size=4)
     assert sorted(calibration.state_dict()) == ["proj_bias", "proj_weight", "z"]
+
+
+def test_projection_computes_in_the_input_dtype():
+    calibration = SelfBalancingCalibration(["text", "image"], hidden_size=8, proj_dim=4)
+    pooled = torch.randn(2, 3, 8)
+    projected = calibration.project(pooled.bfloat16())
+    assert projected.dtype == torch.bfloat16
+    assert torch.allclose(projected.float(), calibration.project(pooled), atol=3e-2)

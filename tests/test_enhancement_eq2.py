@@ -89,3 +89,12 @@ def test_padded_keys_take_no_part(inputs):
     torch.testing.assert_close(noisy[0][1, :3], clean[0][1, :3])
     torch.testing.assert_close(noisy[0][0], clean[0][0])
     torch.testing.assert_close(noisy[1][:, :2], clean[1][:, :2])
+
+
+def test_masked_mean_follows_the_states_dtype_and_averages_real_rows():
+    from macsc.fusion import masked_mean
+
+    states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert masked_mean(states, mask).tolist() == [[2.0, 3.0]]
+    assert masked_mean(states.bfloat16(), mask).dtype == torch.bfloat16

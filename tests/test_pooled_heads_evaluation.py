@@ -271,3 +271,13 @@ def test_example_outputs_before_any_update_and_with_repeated_examples():
     result = outputs.compute()
     assert result["index"].tolist() == sorted(first_seen)
     assert result["score"].tolist() == [first_seen[i] for i in sorted(first_seen)]
+
+
+def test_stacked_linear_computes_in_the_input_dtype():
+    from macsc.heads.base import StackedLinear
+
+    layer = StackedLinear(branches=2, in_features=8, out_features=3)  # float32 parameters
+    x = torch.randn(2, 4, 8)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), layer(x), atol=5e-2)
