@@ -281,3 +281,18 @@ def test_stacked_linear_computes_in_the_input_dtype():
     out = layer(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), layer(x), atol=5e-2)
+
+
+def test_example_identity_and_class_names():
+    from types import SimpleNamespace
+
+    from macsc.heads.records import example_identity, named
+
+    single = SimpleNamespace(segments=[["a", "b"]])  # no ids: the position is the id
+    assert example_identity(single, 1) == {"id": 1, "text": "b"}
+    no_ids = SimpleNamespace(segments=[["a", "b"]], ids=None)
+    assert example_identity(no_ids, 0) == {"id": 0, "text": "a"}
+    pairs = SimpleNamespace(segments=[["p0", "p1"], ["h0", "h1"]], ids=[7, 9])
+    assert example_identity(pairs, 1) == {"id": 9, "text": ["p1", "h1"]}
+    assert named(2, ["x", "y", "z"]) == "z" and named(3, ["x", "y", "z"]) == 3
+    assert named(1, None) == 1
