@@ -296,3 +296,14 @@ def test_example_identity_and_class_names():
     assert example_identity(pairs, 1) == {"id": 9, "text": ["p1", "h1"]}
     assert named(2, ["x", "y", "z"]) == "z" and named(3, ["x", "y", "z"]) == 3
     assert named(1, None) == 1
+
+
+def test_unknown_head_kind_and_unknown_head_option_are_config_errors():
+    from macsc.errors import ConfigError
+    from macsc.heads.base import head_class
+
+    with pytest.raises(ConfigError, match=r"no head for task kind 'poetry'; known kinds: \["):
+        head_class("poetry")
+    spec = TaskSpec("classification", 3, ["accuracy"])
+    with pytest.raises(ConfigError, match="model.head_options for a classification task"):
+        build_task_head(spec, num_branches=2, hidden_size=4, beam_size=3)
