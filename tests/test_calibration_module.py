@@ -141,3 +141,12 @@ def test_projection_computes_in_the_input_dtype():
     projected = calibration.project(pooled.bfloat16())
     assert projected.dtype == torch.bfloat16
     assert torch.allclose(projected.float(), calibration.project(pooled), atol=3e-2)
+
+
+def test_agreement_is_the_mean_cosine_over_the_positive_pairs_of_a_single_example():
+    # one example (an identity mask with one positive): agreement is that pair's cosine
+    calibration = SelfBalancingCalibration(["text", "image"], hidden_size=4, proj_dim=3)
+    features = calibration.project(torch.randn(2, 1, 4))
+    distributions = torch.tensor([[[0.6, 0.8]], [[1.0, 0.0]]])  # unit vectors: cosine 0.6
+    out = calibration(features, distributions, torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(out.agreement, torch.tensor([0.6, 0.6]))

@@ -283,3 +283,21 @@ def test_the_calibration_exists_for_two_or_more_modalities_with_msb_on():
     assert MaCSCObjective(["text", "image"], 4, head, lambda_msb=0).calibration is None
     solo = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 1, hidden_size=4)
     assert MaCSCObjective(["text"], 4, solo).calibration is None
+
+
+def test_the_objective_gathers_only_when_asked_and_there_are_other_ranks():
+    from macsc.heads import HeadOutput, build_task_head
+    from macsc.objective import MaCSCObjective
+    from macsc.task import TaskSpec
+
+    head = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 2, hidden_size=4)
+    output = HeadOutput(torch.randn(2, 3, 3), torch.randn(2, 3, 4))
+    batch = {"labels": torch.tensor([0, 1, 2]), "input_ids": torch.zeros(3, 5, dtype=torch.long)}
+
+    def no_gather(tensor):
+        raise AssertionError("gathered")
+
+    by_default = MaCSCObjective(["text", "image"], 4, head)  # gather_across_devices off
+    assert torch.isfinite(by_default(head, output, batch, DeviceGroup(no_gather, 2, 0))["total"])
+    alone = MaCSCObjective(["text", "image"], 4, head, gather_across_devices=True)
+    assert torch.isfinite(alone(head, output, batch, DeviceGroup(no_gather, 1, 0))["total"])
