@@ -307,3 +307,20 @@ def test_unknown_head_kind_and_unknown_head_option_are_config_errors():
     spec = TaskSpec("classification", 3, ["accuracy"])
     with pytest.raises(ConfigError, match="model.head_options for a classification task"):
         build_task_head(spec, num_branches=2, hidden_size=4, beam_size=3)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TaskSpec("classification", 3, ["accuracy"]),
+        TaskSpec("regression", 1, ["pearson"], label_bins=BINS),
+        TaskSpec("span", 2, ["exact", "f1"]),
+    ],
+    ids=lambda spec: spec.kind,
+)
+def test_head_dropout_is_off_by_default_and_reaches_the_head(spec):
+    from macsc.heads.base import head_class
+
+    assert build_task_head(spec, num_branches=2, hidden_size=4).dropout.p == 0.0
+    assert head_class(spec.kind)(spec, 2, 4).dropout.p == 0.0
+    assert head_class(spec.kind)(spec, 2, 4, 0.3).dropout.p == 0.3
