@@ -324,3 +324,41 @@ def test_head_dropout_is_off_by_default_and_reaches_the_head(spec):
     assert build_task_head(spec, num_branches=2, hidden_size=4).dropout.p == 0.0
     assert head_class(spec.kind)(spec, 2, 4).dropout.p == 0.0
     assert head_class(spec.kind)(spec, 2, 4, 0.3).dropout.p == 0.3
+
+
+def test_small_head_helpers(monkeypatch, tmp_path):
+    from macsc.heads import base
+
+    # share: rank 0's value through the broadcast, the value itself in one process
+    assert EvaluationContext("val", "validation").share(5) == 5
+    doubled = EvaluationContext("val", "validation", broadcast=lambda v: 2 * v)
+    assert doubled.share(5) == 10
+    assert base.prediction_folder(tmp_path, "test", "matched", 7) == tmp_path / "test_matched_step7"
+    # a registered head is the head of its kind
+    monkeypatch.setattr(base, "_HEADS", dict(base._HEADS))
+
+    @base.register_head("poetry")
+    class PoetryHead(base.TaskHead):
+        pass
+
+    assert base.head_class("poetry") is PoetryHead
+
+
+def test_evaluation_loss_is_the_aggregation_loss_and_span_targets_need_both_ends():
+    from macsc.heads.base import head_class
+
+    spec = TaskSpec("classification", 3, ["accuracy"])
+    head = build_task_head(spec, num_branches=2, hidden_size=4)
+    outputs, rho = torch.randn(2, 4, 3), torch.tensor([0.5, -0.5])
+    batch = {"labels": torch.tensor([0, 1, 2, 1])}
+    log_rho = torch.log_softmax(rho, 0).view(2, 1, 1)
+    # -mean log sum_m rho_m softmax(z_m)[y] (Eq. 12)
+    fused = torch.logsumexp(log_rho + torch.log_softmax(outputs, -1), dim=0)
+    expected = -fused[torch.arange(4), batch["labels"]].mean()
+    torch.testing.assert_close(head.evaluation_loss(outputs, rho, batch), expected)
+    span = head_class("span")(TaskSpec("span", 2, ["exact", "f1"]), 2, 4)
+    both = {"start_positions": torch.zeros(1), "end_positions": torch.zeros(1)}
+    assert span.has_targets(both)
+    assert not span.has_targets({"start_positions": torch.zeros(1)})
+    assert not span.has_targets({"end_positions": torch.zeros(1)})
+    assert not span.has_targets({})
