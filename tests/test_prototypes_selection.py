@@ -293,3 +293,16 @@ def test_window_options_must_be_positive_integers():
         for bad in (0, 2.0):
             with pytest.raises(ConfigError, match=f"option {name} must be an integer >= 1"):
                 DigitExtractor(k=2, **{name: bad})
+
+
+def test_a_subclass_without_its_own_init_has_its_parents_options(monkeypatch):
+    from macsc.prototypes import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @base.register_extractor("gaussian_again")
+    class GaussianAgain(base.GaussianExtractor):
+        pass
+
+    assert base.extractor_options("gaussian_again") == base.extractor_options("gaussian")
+    assert build_extractor("gaussian_again", k=3).k == 3
