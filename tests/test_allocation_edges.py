@@ -128,3 +128,34 @@ def test_mixtures_run_in_the_branch_outputs_precision():
     loss = weighted_regression_loss(preds.float(), rho_logits, torch.tensor([1.5, 4.0]).double())
     assert loss.dtype == torch.float32  # the targets take the predictions' dtype
     assert loss.item() == pytest.approx(((fused - torch.tensor([1.5, 4.0])) ** 2).mean().item())
+
+
+def test_balanced_weights_count_the_anchors_that_have_a_positive():
+    # one anchor (row 0) with three positives: its row carries all the mass, and the mean row
+    # mass over the anchors with a positive (one anchor) is one
+    from macsc.allocation import balanced_weights
+
+    p = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    mask = torch.tensor([[True, True, True], [False, False, False], [False, False, False]])
+    weights = balanced_weights(p, p, mask)
+    assert torch.allclose(weights.sum(), torch.tensor(1.0)) and weights[1:].abs().sum() == 0
+
+
+def test_soft_bins_of_two_centres_use_their_distance_as_width():
+    from macsc.allocation import soft_bin_distribution
+
+    centres = torch.tensor([0.0, 2.0])
+    got = soft_bin_distribution(torch.tensor([0.0]), centres)
+    # softmax(-(0 - c)^2 / 2^2) = softmax([0, -1])
+    expected = torch.tensor([1.0, math.exp(-1.0)]) / (1.0 + math.exp(-1.0))
+    assert torch.allclose(got[0], expected)
+
+
+def test_mixture_follows_the_branch_dtype():
+    from macsc.losses import mixture_probabilities
+
+    logits = torch.randn(2, 3, 4)
+    rho_logits = torch.tensor([0.3, -0.2])  # a float32 parameter, as in the objective
+    fused = mixture_probabilities(logits.bfloat16(), rho_logits)
+    assert fused.dtype == torch.bfloat16
+    assert torch.allclose(fused.float(), mixture_probabilities(logits, rho_logits), atol=2e-2)

@@ -36,6 +36,7 @@ from macsc.prototypes import (
     extractor_options,
     prototype_table,
 )
+from macsc.prototypes.cache import index_texts, storage_dtype
 
 # a short text (fewer candidates than k, so the EOS candidate shows), and one longer than every
 # window used here (so max_windows, the context length and the attention layers all show)
@@ -303,3 +304,25 @@ def test_a_folders_weights_are_named_by_every_files_content(tiny_backbone, tmp_p
         handle.write("\n")  # any file, not only the weights
     after = build_extractor("hf", model_name=str(folder), **options).identity()["weights"]
     assert after != before
+
+
+def test_auto_storage_dtype_follows_the_extraction_precision():
+    assert storage_dtype("auto", "bf16") == "bfloat16"
+    assert storage_dtype("auto", "16") == "float16" and storage_dtype("auto", "32") == "float16"
+    assert storage_dtype("float32", "bf16") == "float32"
+
+
+def test_texts_with_lone_surrogates_are_indexed():
+    # JSON data may hold lone surrogates ("\ud800"); they still index, distinct from others
+    first, second = index_texts(["a\ud800", "b"]), index_texts(["a\udc00", "b"])
+    assert (
+        first.distinct == ["a\ud800", "b"]
+        and first.rows.tolist() == [0, 1]
+        and first.digest != second.digest
+    )
+
+
+def test_hf_shorthand_names_the_model(tiny_backbone):
+    extractor = build_extractor(f"hf:{tiny_backbone}", k=2)
+    assert extractor.kind == "hf" and extractor.model_name == tiny_backbone
+    assert extractor.extract(["a dog barks"]).features.shape == (1, 2, extractor.dim)

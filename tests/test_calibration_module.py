@@ -126,3 +126,27 @@ def test_agreement_is_the_mean_similarity_over_positive_pairs():
         total = sum(math.exp(z[m, k]) for k in others)
         for k in others:
             assert out.pi_z[m, k].item() == pytest.approx(math.exp(z[m, k]) / total, rel=1e-6)
+
+
+def test_pair_index_buffers_stay_out_of_the_state_dict():
+    # the checkpoint holds only proj_weight, proj_bias and z (the pair indices follow from the
+    # modality list), so old checkpoints load strictly
+    calibration = SelfBalancingCalibration(["text", "image", "audio"], hidden_size=4)
+    assert sorted(calibration.state_dict()) == ["proj_bias", "proj_weight", "z"]
+
+
+def test_projection_computes_in_the_input_dtype():
+    calibration = SelfBalancingCalibration(["text", "image"], hidden_size=8, proj_dim=4)
+    pooled = torch.randn(2, 3, 8)
+    projected = calibration.project(pooled.bfloat16())
+    assert projected.dtype == torch.bfloat16
+    assert torch.allclose(projected.float(), calibration.project(pooled), atol=3e-2)
+
+
+def test_agreement_is_the_mean_cosine_over_the_positive_pairs_of_a_single_example():
+    # one example (an identity mask with one positive): agreement is that pair's cosine
+    calibration = SelfBalancingCalibration(["text", "image"], hidden_size=4, proj_dim=3)
+    features = calibration.project(torch.randn(2, 1, 4))
+    distributions = torch.tensor([[[0.6, 0.8]], [[1.0, 0.0]]])  # unit vectors: cosine 0.6
+    out = calibration(features, distributions, torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(out.agreement, torch.tensor([0.6, 0.6]))

@@ -89,3 +89,37 @@ def test_padded_keys_take_no_part(inputs):
     torch.testing.assert_close(noisy[0][1, :3], clean[0][1, :3])
     torch.testing.assert_close(noisy[0][0], clean[0][0])
     torch.testing.assert_close(noisy[1][:, :2], clean[1][:, :2])
+
+
+def test_masked_mean_follows_the_states_dtype_and_averages_real_rows():
+    from macsc.fusion import masked_mean
+
+    states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert masked_mean(states, mask).tolist() == [[2.0, 3.0]]
+    assert masked_mean(states.bfloat16(), mask).dtype == torch.bfloat16
+
+
+def test_enhancer_defaults_and_its_parameters():
+    torch.manual_seed(0)
+    module = ConceptEnhancer(256, 4)  # default 8 heads divide 256; default dropout 0.1
+    assert module.dropout.p == 0.1
+    # the type embedding starts small, N(0, 0.02^2) as BERT's embeddings
+    assert 0.015 < module.type_embedding.std().item() < 0.025
+    # without the feed-forward block there is no norm of it either (nothing extra to train)
+    assert not any(name.startswith("ff_") for name, _ in module.named_parameters())
+    with pytest.raises(
+        ValueError, match="enhancer_heads=8 must divide the backbone hidden size 20"
+    ):
+        ConceptEnhancer(20, 4)
+
+
+def test_sentence_positions_first_and_last_real_token():
+    from macsc.fusion import sentence_positions
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert sentence_positions(mask, "first").tolist() == [[0], [0], [0]]
+    assert sentence_positions(mask, "last").tolist() == [[2], [0], [3]]
+    assert sentence_positions(mask, "mean") is None
+    with pytest.raises(ValueError, match="text_pooling must be first, last, mean or auto"):
+        sentence_positions(mask, "cls")

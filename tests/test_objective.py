@@ -238,3 +238,66 @@ def test_training_without_the_labels_warns_that_the_prior_stays_uniform(tiny_bac
     with pytest.warns(UserWarning, match="class prior pi_e of Eq. 4 stays uniform"):
         trainer.fit(model.train(), train_dataloaders=loader)
     torch.testing.assert_close(model.objective.class_prior, torch.full((3,), 1 / 3))
+
+
+def test_gathering_over_three_ranks_pads_this_ranks_distributions_and_scales_its_gradient():
+    """Rank 1 of 3 with the shortest span distributions (5 of 7 positions): what it contributes
+    to the all-gather is its own distributions zero-padded to 7, and the gradient reaching its
+    features is scaled by the world size (DDP then averages it back, SPEC 6)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 2, 4, generator=generator, requires_grad=True)  # (M, B, D)
+    distributions = torch.rand(3, 2, 2, 5, generator=generator)  # (M, B, 2, C=5)
+    # what ranks 0 and 2 contribute, by the dim of the gathered tensor
+    others = {
+        3: [torch.randn(2, 3, 4), torch.randn(2, 3, 4)],  # features (B, M, D)
+        4: [torch.rand(2, 3, 2, 7), torch.rand(2, 3, 2, 7)],  # distributions (B, M, 2, 7)
+    }
+
+    def all_gather(tensor):
+        if tensor.dim() == 0:  # each rank's length
+            assert tensor.item() == 5
+            return torch.tensor([7, 5, 6])
+        if tensor.dim() == 1:  # the keys
+            return torch.stack([tensor] * 3)
+        before, after = others[tensor.dim()]
+        return torch.stack([before, tensor, after])  # fails unless the shapes agree
+
+    f, d, k = gather_batch(
+        features, distributions, torch.arange(2), DeviceGroup(all_gather, 3, 1), True
+    )
+    assert k.tolist() == [0, 1, 2, 3, 4, 5]
+    padded = torch.cat([distributions, torch.zeros(3, 2, 2, 2)], dim=-1)
+    assert d.shape == (3, 6, 2, 7) and torch.equal(d[:, 2:4], padded)
+    torch.testing.assert_close(f[:, 2:4], features.detach())
+    f[:, 2:4].sum().backward()
+    assert torch.equal(features.grad, torch.full_like(features, 3.0))
+
+
+def test_the_calibration_exists_for_two_or_more_modalities_with_msb_on():
+    from macsc.heads import build_task_head
+    from macsc.objective import MaCSCObjective
+    from macsc.task import TaskSpec
+
+    head = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 2, hidden_size=4)
+    assert MaCSCObjective(["text", "image"], 4, head).calibration is not None
+    assert MaCSCObjective(["text", "image"], 4, head, lambda_msb=0).calibration is None
+    solo = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 1, hidden_size=4)
+    assert MaCSCObjective(["text"], 4, solo).calibration is None
+
+
+def test_the_objective_gathers_only_when_asked_and_there_are_other_ranks():
+    from macsc.heads import HeadOutput, build_task_head
+    from macsc.objective import MaCSCObjective
+    from macsc.task import TaskSpec
+
+    head = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 2, hidden_size=4)
+    output = HeadOutput(torch.randn(2, 3, 3), torch.randn(2, 3, 4))
+    batch = {"labels": torch.tensor([0, 1, 2]), "input_ids": torch.zeros(3, 5, dtype=torch.long)}
+
+    def no_gather(tensor):
+        raise AssertionError("gathered")
+
+    by_default = MaCSCObjective(["text", "image"], 4, head)  # gather_across_devices off
+    assert torch.isfinite(by_default(head, output, batch, DeviceGroup(no_gather, 2, 0))["total"])
+    alone = MaCSCObjective(["text", "image"], 4, head, gather_across_devices=True)
+    assert torch.isfinite(alone(head, output, batch, DeviceGroup(no_gather, 1, 0))["total"])

@@ -236,3 +236,129 @@ def test_regression_loss_keys_and_prior_classes():
     # nearest bin centre, a tie (1.5) going to the lower one
     assert head.positive_keys({"labels": SCORES}).tolist() == [0, 1, 3, 2, 0]
     assert head.prior_classes(SCORES).tolist() == [0, 1, 3, 2, 0]
+
+
+def test_stacked_linear_is_m_linear_maps_with_the_default_uniform_init():
+    from macsc.heads.base import StackedLinear
+
+    torch.manual_seed(0)
+    layer = StackedLinear(branches=3, in_features=16, out_features=200)
+    bound = 1 / math.sqrt(16)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.weight.shape == (3, 200, 16) and layer.bias.shape == (3, 200)
+    for values in (layer.weight, layer.bias):
+        assert values.abs().max() <= bound
+        assert values.min() < -0.9 * bound and values.max() > 0.9 * bound
+    x = torch.randn(3, 2, 5, 16)  # (M, B, L, d)
+    expected = torch.stack(
+        [x[m] @ layer.weight[m].T + layer.bias[m] for m in range(3)]
+    )  # branch m's own nn.Linear
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_example_outputs_before_any_update_and_with_repeated_examples():
+    from macsc.heads.records import ExampleOutputs
+
+    empty = ExampleOutputs("score").compute()
+    assert list(empty) == ["index"] and empty["index"].shape == (0,)
+    assert empty["index"].dtype == torch.long
+    outputs = ExampleOutputs("score")
+    # the distributed sampler repeats examples: the first values seen of each index are kept
+    index = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    outputs.update(index, score=torch.arange(len(index), dtype=torch.float))
+    first_seen: dict[int, float] = {}
+    for position, example in enumerate(index.tolist()):
+        first_seen.setdefault(example, float(position))
+    result = outputs.compute()
+    assert result["index"].tolist() == sorted(first_seen)
+    assert result["score"].tolist() == [first_seen[i] for i in sorted(first_seen)]
+
+
+def test_stacked_linear_computes_in_the_input_dtype():
+    from macsc.heads.base import StackedLinear
+
+    layer = StackedLinear(branches=2, in_features=8, out_features=3)  # float32 parameters
+    x = torch.randn(2, 4, 8)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), layer(x), atol=5e-2)
+
+
+def test_example_identity_and_class_names():
+    from types import SimpleNamespace
+
+    from macsc.heads.records import example_identity, named
+
+    single = SimpleNamespace(segments=[["a", "b"]])  # no ids: the position is the id
+    assert example_identity(single, 1) == {"id": 1, "text": "b"}
+    no_ids = SimpleNamespace(segments=[["a", "b"]], ids=None)
+    assert example_identity(no_ids, 0) == {"id": 0, "text": "a"}
+    pairs = SimpleNamespace(segments=[["p0", "p1"], ["h0", "h1"]], ids=[7, 9])
+    assert example_identity(pairs, 1) == {"id": 9, "text": ["p1", "h1"]}
+    assert named(2, ["x", "y", "z"]) == "z" and named(3, ["x", "y", "z"]) == 3
+    assert named(1, None) == 1
+
+
+def test_unknown_head_kind_and_unknown_head_option_are_config_errors():
+    from macsc.errors import ConfigError
+    from macsc.heads.base import head_class
+
+    with pytest.raises(ConfigError, match=r"no head for task kind 'poetry'; known kinds: \["):
+        head_class("poetry")
+    spec = TaskSpec("classification", 3, ["accuracy"])
+    with pytest.raises(ConfigError, match="model.head_options for a classification task"):
+        build_task_head(spec, num_branches=2, hidden_size=4, beam_size=3)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TaskSpec("classification", 3, ["accuracy"]),
+        TaskSpec("regression", 1, ["pearson"], label_bins=BINS),
+        TaskSpec("span", 2, ["exact", "f1"]),
+    ],
+    ids=lambda spec: spec.kind,
+)
+def test_head_dropout_is_off_by_default_and_reaches_the_head(spec):
+    from macsc.heads.base import head_class
+
+    assert build_task_head(spec, num_branches=2, hidden_size=4).dropout.p == 0.0
+    assert head_class(spec.kind)(spec, 2, 4).dropout.p == 0.0
+    assert head_class(spec.kind)(spec, 2, 4, 0.3).dropout.p == 0.3
+
+
+def test_small_head_helpers(monkeypatch, tmp_path):
+    from macsc.heads import base
+
+    # share: rank 0's value through the broadcast, the value itself in one process
+    assert EvaluationContext("val", "validation").share(5) == 5
+    doubled = EvaluationContext("val", "validation", broadcast=lambda v: 2 * v)
+    assert doubled.share(5) == 10
+    assert base.prediction_folder(tmp_path, "test", "matched", 7) == tmp_path / "test_matched_step7"
+    # a registered head is the head of its kind
+    monkeypatch.setattr(base, "_HEADS", dict(base._HEADS))
+
+    @base.register_head("poetry")
+    class PoetryHead(base.TaskHead):
+        pass
+
+    assert base.head_class("poetry") is PoetryHead
+
+
+def test_evaluation_loss_is_the_aggregation_loss_and_span_targets_need_both_ends():
+    from macsc.heads.base import head_class
+
+    spec = TaskSpec("classification", 3, ["accuracy"])
+    head = build_task_head(spec, num_branches=2, hidden_size=4)
+    outputs, rho = torch.randn(2, 4, 3), torch.tensor([0.5, -0.5])
+    batch = {"labels": torch.tensor([0, 1, 2, 1])}
+    log_rho = torch.log_softmax(rho, 0).view(2, 1, 1)
+    # -mean log sum_m rho_m softmax(z_m)[y] (Eq. 12)
+    fused = torch.logsumexp(log_rho + torch.log_softmax(outputs, -1), dim=0)
+    expected = -fused[torch.arange(4), batch["labels"]].mean()
+    torch.testing.assert_close(head.evaluation_loss(outputs, rho, batch), expected)
+    span = head_class("span")(TaskSpec("span", 2, ["exact", "f1"]), 2, 4)
+    both = {"start_positions": torch.zeros(1), "end_positions": torch.zeros(1)}
+    assert span.has_targets(both)
+    assert not span.has_targets({"start_positions": torch.zeros(1)})
+    assert not span.has_targets({"end_positions": torch.zeros(1)})
+    assert not span.has_targets({})

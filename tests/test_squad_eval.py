@@ -17,6 +17,9 @@ from macsc.squad_eval import (
     main,
     normalize_answer,
     precision_recall_curve,
+    precision_recall_curves,
+    score_v1,
+    score_v2,
 )
 
 CONTEXT = "The Eiffel Tower, 1,000 feet tall, stands in Paris, France. A cat sat on the mat."
@@ -457,3 +460,34 @@ def test_json_lines_data_scores_like_the_json_file(tmp_path, capsys):
     code, out, _ = squad_eval_cli(capsys, data, preds)
     assert code == 0
     assert json.loads(out) == pytest.approx(evaluate_v2(V2_DATA, V2_PREDICTIONS))
+
+
+def test_scores_refuse_a_missing_prediction_by_default():
+    # the official scripts' default: every question needs a prediction
+    golds = {"q1": ["Paris"], "q2": ["France"]}
+    for score in (score_v1, score_v2):
+        with pytest.raises(DataError, match="q2"):
+            score(golds, {"q1": "Paris"})
+    with pytest.raises(DataError, match="q2"):
+        precision_recall_curves(golds, {"q1": "Paris"}, {"q1": 0.0})
+
+
+def test_default_no_answer_threshold_is_one_and_without_na_probs_nothing_is_withheld():
+    golds = {"q1": ["Paris"], "q2": []}
+    predictions = {"q1": "Paris", "q2": ""}
+    # official v2.0: an answer is withheld when its na_prob exceeds the threshold (1.0)
+    withheld = score_v2(golds, predictions, {"q1": 1.5, "q2": 0.0})
+    assert withheld["HasAns_exact"] == 0.0 and withheld["exact"] == 50.0
+    kept = score_v2(golds, predictions, {"q1": 1.0, "q2": 0.0})
+    assert kept["HasAns_exact"] == 100.0
+    # without na_probs every na_prob is 0, so a threshold of 0.5 withholds nothing
+    assert score_v2(golds, {"q1": "Paris", "q2": "x"}, None, 0.5)["HasAns_exact"] == 100.0
+
+
+def test_errors_name_the_source_of_the_data():
+    broken = squad_json([("q1", ["Paris"])])
+    del broken["data"][0]["paragraphs"][0]["qas"][0]["answers"]
+    with pytest.raises(DataError, match="dev-v2.0.json"):
+        evaluate_v2(broken, {"q1": ""}, source="dev-v2.0.json")
+    with pytest.raises(DataError, match="dev-v1.1.json"):
+        evaluate_v1(broken, {"q1": ""}, source="dev-v1.1.json")
