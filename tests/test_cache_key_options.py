@@ -326,3 +326,51 @@ def test_hf_shorthand_names_the_model(tiny_backbone):
     extractor = build_extractor(f"hf:{tiny_backbone}", k=2)
     assert extractor.kind == "hf" and extractor.model_name == tiny_backbone
     assert extractor.extract(["a dog barks"]).features.shape == (1, 2, extractor.dim)
+
+
+def _clean_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _Lower:
+    def __call__(self, text: str) -> str:
+        return text.lower()
+
+
+class _Strip(_Lower):
+    def __call__(self, text: str) -> str:
+        return text.strip()
+
+
+def test_a_clip_tokenizers_identity_changes_with_whatever_changes_its_token_ids():
+    """CLIP BPE tokenizers that could give different ids for one text never share a cache
+    identity: another cleaning function (a plain function or a callable object), another
+    vocabulary, another class; two equal ones share it."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from macsc.prototypes.clip_text import tokenizer_identity
+
+    class Subclass(SimpleTokenizer):
+        pass
+
+    base = SimpleTokenizer()  # loading the BPE takes a second: the variants are copies
+
+    def variant(cls=SimpleTokenizer, **attributes):
+        made = cls.__new__(cls)
+        made.__dict__.update(base.__dict__, **attributes)
+        return made
+
+    assert tokenizer_identity(variant()) == tokenizer_identity(base)
+    word = next(iter(base.encoder))
+    renamed = dict(base.encoder)
+    renamed[word + "x"] = renamed.pop(word)
+    variants = [
+        base,
+        variant(clean_fn=_clean_whitespace),
+        variant(encoder=renamed),
+        variant(Subclass),
+        variant(clean_fn=_Lower()),
+        variant(clean_fn=_Strip()),
+    ]
+    identities = [tokenizer_identity(t) for t in variants]
+    assert len(set(identities)) == len(variants), identities
