@@ -17,15 +17,11 @@ from typing import Any
 import pytest
 import torch
 from test_prototypes_clip import (
-    CONTEXT,
     HEADS,
-    LAYERS,
-    OUT,
-    VOCAB,
-    WIDTH,
     audioclip_state,
     clip_vip_state,
     openai_text_state,
+    tiny_open_clip_config,
 )
 
 from macsc.errors import ConfigError
@@ -74,21 +70,6 @@ NEVER_CACHED = {"trainable": "a fine-tuned extractor's prototypes change as it t
 class Source:
     base: dict[str, Any]
     alternatives: dict[str, Any]
-
-
-def _tiny_open_clip_config(heads: int) -> dict[str, Any]:
-    return {
-        "embed_dim": OUT,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-        "text_cfg": {
-            "context_length": CONTEXT,
-            "vocab_size": VOCAB,
-            "width": WIDTH,
-            "heads": heads,
-            "layers": LAYERS,
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +142,7 @@ def sources(tmp_path_factory, request):
     tags = {"weights_a": {"url": ""}, "weights_b": {"url": ""}}
     with pytest.MonkeyPatch.context() as patch:
         for name, heads in (("macsc-key-tiny", HEADS), ("macsc-key-tiny-4heads", 2 * HEADS)):
-            patch.setitem(_MODEL_CONFIGS, name, _tiny_open_clip_config(heads))
+            patch.setitem(_MODEL_CONFIGS, name, tiny_open_clip_config(heads))
             patch.setitem(open_clip.pretrained._PRETRAINED, name, tags)
         patch.setattr(
             open_clip.pretrained, "download_pretrained", lambda tag, cache_dir=None: tag["url"]

@@ -23,6 +23,22 @@ TEXTS = [
 ]
 
 
+def tiny_open_clip_config(heads: int = HEADS) -> dict:
+    """An open_clip model config of the tiny test sizes (a small image tower included)."""
+    return {
+        "embed_dim": OUT,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {
+            "context_length": CONTEXT,
+            "vocab_size": VOCAB,
+            "width": WIDTH,
+            "heads": heads,
+            "layers": LAYERS,
+        },
+    }
+
+
 def tokenize(texts: list[str]) -> torch.Tensor:
     import open_clip
 
@@ -297,18 +313,7 @@ def open_clip_file(tmp_path_factory) -> tuple[str, Path]:
     from open_clip.factory import _MODEL_CONFIGS
 
     name = "macsc-test-tiny"
-    _MODEL_CONFIGS[name] = {
-        "embed_dim": OUT,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-        "text_cfg": {
-            "context_length": CONTEXT,
-            "vocab_size": VOCAB,
-            "width": WIDTH,
-            "heads": HEADS,
-            "layers": LAYERS,
-        },
-    }
+    _MODEL_CONFIGS[name] = tiny_open_clip_config()
     model = open_clip.create_model(name)
     state = {**model.state_dict(), **openai_text_state(seed=2)}
     path = tmp_path_factory.mktemp("open_clip") / "tiny.pt"
