@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from macsc.errors import DataError
+from macsc.paths import load_hub_dataset
 
 HUB_NAME = "allenai/common_gen"
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson", ".json")
@@ -222,18 +223,11 @@ def _strip_final_blank(lines: list[str]) -> list[str]:
 def load_hub(name: str) -> Any:
     """``datasets.load_dataset(name)`` (all splits); a DataError saying to pass local files
     when it fails (offline, unknown name, damaged cache)."""
-    import datasets  # heavy; only the hub path needs it
-
-    try:
-        return datasets.load_dataset(name)
-    except Exception as error:  # offline, unknown name, damaged cache: all end here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(
-            f"could not load {name!r} from the Hugging Face hub ({type(error).__name__}: "
-            f"{reason}); when offline, pass local files: JSON Lines "
-            '({"concepts": [...], "target": "..."}) or the release '
-            f"commongen.*{SOURCE_SUFFIX} with its {TARGET_SUFFIX}"
-        ) from error
+    return load_hub_dataset(
+        name,
+        advice='when offline, pass local files: JSON Lines ({"concepts": [...], "target": '
+        f'"..."}}) or the release commongen.*{SOURCE_SUFFIX} with its {TARGET_SUFFIX}',
+    )
 
 
 def hub_examples(dataset: Any, name: str, split: str) -> list[ConceptExample]:

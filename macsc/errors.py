@@ -6,6 +6,13 @@ as one line and exits with status 2 instead of showing a traceback.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none): what a
+    one-line error quotes of the library error behind it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class MacscError(Exception):
     """A user-facing error: the message names the file, option or value and the fix."""
 

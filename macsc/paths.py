@@ -1,12 +1,14 @@
-"""Names of pretrained weights: hub names, local folders, and weights shipped in a Python package."""
+"""Names of pretrained weights (hub names, local folders, weights shipped in a Python package),
+and loading from the Hugging Face hub with an error that says what to do offline."""
 
 from __future__ import annotations
 
 import importlib
 import os
 from pathlib import Path
+from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, first_line
 
 PACKAGE_PREFIX = "package:"
 
@@ -46,3 +48,34 @@ def looks_like_path(name: str) -> bool:
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
     )
+
+
+def load_tokenizer(name: str) -> Any:
+    """A Hugging Face tokenizer by name or path; a ConfigError that says why when it fails."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"could not load the tokenizer {name!r} ({first_line(error)}); give a local folder "
+            "with tokenizer files, or run once online so the Hugging Face cache holds it"
+        ) from error
+
+
+def load_hub_dataset(
+    name: str, config: str | None = None, *, advice: str, what: str | None = None
+) -> Any:
+    """``datasets.load_dataset(name, config)`` (all splits); when it fails (offline, unknown
+    name, damaged cache) a DataError naming ``what`` was loaded (default: the name), the cause,
+    and ``advice`` (which local files to pass instead)."""
+    import datasets  # heavy; only the hub path needs it
+
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as error:  # offline, unknown name, damaged cache: all end here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(
+            f"could not load {what or repr(name)} from the Hugging Face hub "
+            f"({type(error).__name__}: {reason}); {advice}"
+        ) from error

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, MacscError
-from .paths import resolve_pretrained
+from .errors import CheckpointError, ConfigError, MacscError, first_line
+from .paths import load_tokenizer, resolve_pretrained
 
 DESCRIPTOR, ITEM, MASK, SEP = "[DESCRIPTOR]", "[ITEM]", "[MASK]", "[SEP]"
 #: the object phrase a CLIP-style tower compares the filled templates with
@@ -299,23 +299,6 @@ def score_clip(
 
 
 # ------------------------------------------------------------------------------------ models
-def _auto_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"could not load the tokenizer {name!r} ({_first_line(error)}); give a local folder "
-            "with tokenizer files, or run once online so the Hugging Face cache holds it"
-        ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_masked_lm(name: str) -> nn.Module:
     """``AutoModelForMaskedLM`` from a hub name, a folder or ``package:<module>``; a checkpoint
     without MLM head weights (a bare encoder, whose head would be random) is an error."""
@@ -327,7 +310,7 @@ def load_masked_lm(name: str) -> nn.Module:
         )
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"cannot load the masked language model {name!r}: {_first_line(error)} -- give a "
+            f"cannot load the masked language model {name!r}: {first_line(error)} -- give a "
             "hub name or a local folder (save_pretrained layout) of a model with an MLM head"
         ) from error
     missing = sorted(info.get("missing_keys") or [])
@@ -355,7 +338,7 @@ def mlm_head(model: nn.Module, name: str) -> nn.Module:
 def masked_lm_scorer(name: str, device: str | torch.device) -> tuple[Any, LogitsFn]:
     """A plain PLM: its tokenizer and ``texts -> (logits, input_ids)`` with its own MLM head."""
     model = load_masked_lm(name).to(device)
-    tokenizer = _auto_tokenizer(resolve_pretrained(name))
+    tokenizer = load_tokenizer(resolve_pretrained(name))
 
     def logits_fn(texts: list[str]) -> tuple[Tensor, Tensor]:
         encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
@@ -407,7 +390,7 @@ def load_macsc(path: str | Path, trust_checkpoint: bool = False) -> Any:
     except Exception as error:  # Lightning's KeyError/TypeError/... for a file of another kind
         raise CheckpointError(
             f"{str(path)!r} does not load as a MaCSC checkpoint ({type(error).__name__}: "
-            f"{_first_line(error)[:200]}); give a checkpoint written by `macsc fit`"
+            f"{first_line(error)[:200]}); give a checkpoint written by `macsc fit`"
         ) from error
 
 
@@ -432,7 +415,7 @@ def macsc_scorer(
             f"the MLM head of {head_name!r} reads width {head_width}, the checkpoint's text "
             f"representation has width {width}; pass the head of its own backbone"
         )
-    tokenizer = _auto_tokenizer(model.backbone_name)
+    tokenizer = load_tokenizer(model.backbone_name)
     text_states = macsc_text_states(model, tokenizer)
 
     def logits_fn(texts: list[str]) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .checkpoint_files import AtomicCheckpointIO
+from .errors import first_line
 
 #: the checkpoint key of the run state; checkpoints of earlier versions have ``macsc_rng`` only
 CHECKPOINT_KEY = "macsc_run_state"
@@ -145,11 +146,6 @@ def _raised_by_torch_distributed(exception: BaseException) -> bool:
     return isinstance(exception, RuntimeError) and os.path.join("torch", "distributed") in where
 
 
-def _first_line(exception: BaseException) -> str:
-    text = str(exception).strip()
-    return text.splitlines()[0] if text else type(exception).__name__
-
-
 def lost_rank_message(exception: BaseException) -> str | None:
     """The one-line explanation :class:`RunState` attached to an exception that ended a DDP
     run because another rank died or hung, or None for any other exception."""
@@ -198,7 +194,7 @@ class RunState(L.Callback):
             timeout = getattr(trainer.strategy, "_timeout", None)
             exception.macsc_lost_rank = (
                 f"rank {trainer.global_rank}: a collective operation with the other ranks failed "
-                f"({_first_line(exception)}): another rank died or stopped answering, so the run "
+                f"({first_line(exception)}): another rank died or stopped answering, so the run "
                 "stopped. Resume with --ckpt_path last (or a checkpoint's path); a rank waits "
                 f"for a silent one at most the process-group timeout ({timeout}; set it with "
                 "--trainer.strategy lightning.pytorch.strategies.DDPStrategy "

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from macsc.errors import ConfigError, DataError
+from macsc.paths import load_tokenizer
 from macsc.prototypes import (
     ImageFeatureSource,
     PrototypeExtractor,
@@ -471,17 +472,3 @@ class MaCSCDataModule(L.LightningDataModule):
             for name in self.split_names(role)
         ]
         return loaders[0] if len(loaders) == 1 else loaders
-
-
-def load_tokenizer(name: str) -> Any:
-    """A Hugging Face tokenizer by name or path; a ConfigError that says why when it fails."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ConfigError(
-            f"could not load the tokenizer {name!r} ({first_line}); give a local folder with "
-            "tokenizer files, or run once online so the Hugging Face cache holds it"
-        ) from error

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from macsc.errors import ConfigError, DataError
+from macsc.paths import load_hub_dataset
 from macsc.task import TaskSpec
 
 from .base import MaCSCDataModule, TextSplit
@@ -402,18 +403,13 @@ class TableDataModule(MaCSCDataModule):
 
     def _load_hub(self, source: str) -> Any:
         if self._hub_dataset is None:
-            import datasets
-
-            try:
-                self._hub_dataset = datasets.load_dataset(self.hub_name, self.hub_config)
-            except Exception as error:  # offline, unknown name, damaged cache: all end here
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise DataError(
-                    f"could not load {source} from the Hugging Face hub "
-                    f"({type(error).__name__}: {reason}); pass data_files={{split: PATH}} with "
-                    "local files (GLUE TSV, CSV, JSON Lines or Parquet), or run once online so "
-                    "the hub cache holds it"
-                ) from error
+            self._hub_dataset = load_hub_dataset(
+                self.hub_name,
+                self.hub_config,
+                what=source,
+                advice="pass data_files={split: PATH} with local files (GLUE TSV, CSV, JSON "
+                "Lines or Parquet), or run once online so the hub cache holds it",
+            )
         return self._hub_dataset
 
 

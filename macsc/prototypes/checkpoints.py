@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
@@ -102,9 +102,9 @@ def safe_torch_load(
                 f"would run code from the file; if you trust its source, {how_to_trust}"
             ) from error
     except (RuntimeError, EOFError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({reason}); is the download complete?"
+            f"checkpoint {str(path)!r} cannot be read ({first_line(error)}); is the download "
+            "complete?"
         ) from error
     return torch.load(path, map_location=map_location, weights_only=False)
 
