@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from test_safe_loading import Payload
 
 from macsc.cli import main
 
@@ -18,16 +19,6 @@ Z = [
     [2.0, 2.0, 5.0],
 ]
 EXPECTED_PI = [["–", "0.2500", "0.7500"], ["0.8000", "–", "0.2000"], ["0.5000", "0.5000", "–"]]
-
-
-class Payload:
-    """Unpickling this creates a folder: the stand-in for code an attacker would run."""
-
-    def __init__(self, marker) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
 
 
 @pytest.fixture(scope="module")
