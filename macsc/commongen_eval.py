@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,7 +194,14 @@ def ptb_tokenize(
 def _java_errors(what: str) -> Iterator[SimpleNamespace]:
     """Runs a toolkit step with the process's stderr (file descriptor 2, which Java writes
     to) sent to a temporary file; yields a namespace whose ``text`` holds it afterwards, for
-    error messages. A missing ``java`` is a ConfigError."""
+    error messages. A missing ``java`` is a ConfigError, found before the step starts: a
+    ``Meteor()`` whose Java failed to start is left half built, and its ``__del__`` then prints
+    a traceback at exit."""
+    if shutil.which("java") is None:
+        raise ConfigError(
+            f"{what} of the COCO caption toolkit runs Java, and no 'java' command was found on "
+            "PATH; install a Java runtime (8 or later)"
+        )
     captured = SimpleNamespace(text="")
     with tempfile.TemporaryFile(mode="w+") as log:
         sys.stderr.flush()
@@ -201,11 +209,6 @@ def _java_errors(what: str) -> Iterator[SimpleNamespace]:
         os.dup2(log.fileno(), 2)
         try:
             yield captured
-        except FileNotFoundError as error:
-            raise ConfigError(
-                f"{what} of the COCO caption toolkit runs Java, and no 'java' command was "
-                f"found ({error}); install a Java runtime (8 or later)"
-            ) from error
         except PermissionError as error:  # it writes temporary files beside its jars
             raise ConfigError(
                 f"{what} of the COCO caption toolkit could not write its temporary file "

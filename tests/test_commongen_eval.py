@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -145,6 +148,25 @@ def test_a_missing_java_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(ConfigError, match="no 'java' command was found"):
         score_commongen([["dog"]], ["A dog."], [["A dog runs."]])
+
+
+def test_a_missing_java_leaves_one_line_and_no_traceback(tmp_path):
+    # METEOR starts first; a fresh process, since this one's METEOR is already running
+    references = write_lines(tmp_path / "refs.jsonl", [{"concepts": ["dog"], "target": "A dog."}])
+    predictions = write_lines(
+        tmp_path / "pred.jsonl", [{"concepts": ["dog"], "prediction": "A dog."}]
+    )
+    command = "import sys; from macsc.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run(
+        [sys.executable, "-c", command, "commongen-eval", references, predictions],
+        env={**os.environ, "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "no 'java' command was found" in run.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in run.stderr  # nothing half built is left to fail at exit
 
 
 # --- the command -----------------------------------------------------------------------------
