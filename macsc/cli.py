@@ -24,7 +24,8 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
                                           against its full checksum; exit status 1 if one is damaged
        macsc squad-eval DATA_JSON PRED_JSON [-n NA_PROB_JSON] [-t T] [-o FILE] [-p DIR] [-v]
                         [--missing-as-wrong] [--version 2.0|1.1]   the official SQuAD scores
-       macsc commongen-eval REFERENCES PREDICTIONS   BLEU-4, METEOR, ROUGE-L, CIDEr, coverage (JSON)
+       macsc commongen-eval REFERENCES PREDICTIONS [--tokenizer spacy|ptb]
+                            BLEU-4, METEOR, ROUGE-L, CIDEr, coverage (JSON)
        macsc report RUN ... [--table N] [--out FILE.md] [--name RUN=ROW]   runs beside the paper's tables
        macsc overlap RUN ... [--split S] [--csv F] [--png F]   overlap of correct predictions (Figure 4)
        macsc weights RUN_OR_CKPT [--out DIR]   the modality weights rho and pi_z of a checkpoint

@@ -1,44 +1,57 @@
 """CommonGen evaluation: BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE) with the COCO caption
 toolkit, plus concept coverage; ``macsc commongen-eval`` prints them as JSON.
 
-How the scorers are fed, after the official CommonGen evaluation (``INK-USC/CommonGen``,
-``evaluation/Traditional/eval_metrics/eval.py``): one entry per concept set, its reference
-list holding every reference of the set, its hypothesis list the one prediction; every scorer
-sees the whole corpus at once (BLEU counts are summed over the sets; CIDEr's document
-frequencies come from the references of the sets being scored). BLEU-4 is ``Bleu(4)[0][3]``.
+As the official CommonGen evaluation computes them (``INK-USC/CommonGen``,
+``evaluation/Traditional/eval_metrics/eval.py`` for the toolkit's scores,
+``evaluation/PivotScore/evaluate.py`` for coverage):
 
-Two deliberate differences from that script, both because its tools are not usable here:
+- grouping: one entry per concept set, its reference list holding every reference of the set,
+  its hypothesis list the one prediction; every scorer sees the whole corpus at once (BLEU
+  counts are summed over the sets; CIDEr's document frequencies come from the references of the
+  sets being scored). BLEU-4 is ``Bleu(4)[0][3]``.
+- tokens (``tokenizer="spacy"``, the default): spaCy's English tokenizer, token texts joined by
+  spaces, case and punctuation kept. The tokenizer is rule-based: ``spacy.blank("en")`` holds
+  the rules of ``en_core_web_sm``'s without a model download.
+- coverage: the share of a set's distinct concepts equal to a spaCy lemma of the prediction,
+  averaged over concept sets (0-1). A concept of several words needs each word (CommonGen's
+  concepts are single words). Lemmas come from ``en_core_web_sm`` (tagger and rule lemmatizer,
+  as the official script) when it is installed; otherwise from spaCy's English lookup table
+  (``spacy-lookups-data``) applied to the lower-cased token, since the rule lemmatizer
+  lower-cases every lemma but a proper noun's. Without a tagger the table gives one lemma per
+  word ("leaves" -> leave, never leaf) and none for a word it lacks ("frisbees").
 
-- tokenisation: the COCO toolkit's own ``PTBTokenizer`` (the Stanford tokenizer, lower case,
-  punctuation dropped), as the COCO evaluation does, where the CommonGen script used spaCy's
-  tokenizer (case and punctuation kept). spaCy's English models cannot be installed offline.
-- ROUGE-L: the toolkit's ``Rouge`` (sentence-level LCS F-measure, beta 1.2, averaged over the
-  sets), where the CommonGen repository ran the Perl ROUGE-1.5.5 through another script.
+Differences from that evaluation: the lookup lemmatizer above when no English pipeline is
+installed (the output names the lemmatizer used); spaCy 3 where the scripts were written for
+spaCy 2 (tokens may differ in rare cases); ROUGE-L from the toolkit's ``Rouge`` (sentence-level
+LCS F-measure, beta 1.2, averaged over the sets), where the CommonGen repository ran the Perl
+ROUGE-1.5.5 through another script.
 
-Concept coverage (the CommonGen ``PivotScore`` script's idea): the share of a set's concepts
-found among the lemmas of the prediction's tokens, averaged over concept sets (0-1). Lemmas come
-from ``lemminflect`` (it carries its data; spaCy's lemmatiser is not available offline). Having
-no tagger, a word stands for every lemma ``lemminflect`` knows for it under any part of speech
-("leaves" -> leave, leaf), so a concept is covered when its lemmas and a token's lemmas meet.
+``tokenizer="ptb"``, a departure kept for comparison with earlier numbers: the COCO toolkit's
+``PTBTokenizer`` (the Stanford tokenizer through Java: lower case, punctuation dropped) and
+coverage by ``lemminflect``, where a word stands for every lemma it has under any part of speech
+("leaves" -> leave, leaf) and a concept is covered when its lemmas and a token's lemmas meet.
 
 SPICE needs Stanford CoreNLP jars that ``pycocoevalcap`` downloads on first use; it runs when
 they are present and is skipped, with a one-line notice, when they are not.
 
 Scales: as the toolkit returns them (BLEU, METEOR, ROUGE-L, SPICE in 0-1; CIDEr-D 0-10), and
-coverage a fraction. Papers print them times 100.
+coverage a fraction. The paper and the CommonGen leaderboard print BLEU, METEOR, ROUGE-L, SPICE
+and coverage times 100 and CIDEr-D times 10.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -53,9 +66,13 @@ from macsc.commongen_data import (
     read_examples,
     read_utf8_lines,
 )
-from macsc.errors import ConfigError, DataError
+from macsc.errors import ConfigError, DataError, first_line
 
 METRICS = ("bleu_4", "meteor", "rouge_l", "cider", "coverage")
+#: how predictions and references are tokenised and lemmatised (see the module docstring)
+TOKENIZERS = ("spacy", "ptb")
+#: the English pipeline of the official CommonGen scripts, used when installed
+OFFICIAL_PIPELINE = "en_core_web_sm"
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _spice_notice_shown = False
 
@@ -115,15 +132,22 @@ def score_commongen(
     predictions: Sequence[str],
     references: Sequence[Sequence[str]],
     *,
+    tokenizer: str = "spacy",
     spice: bool | None = None,
 ) -> dict[str, float]:
     """The CommonGen metrics of ``predictions`` (one sentence per concept set) against
     ``references`` (every reference of each set), with the COCO caption toolkit.
 
     Returns ``bleu_4``, ``meteor``, ``rouge_l``, ``cider``, ``coverage`` and, when SPICE ran,
-    ``spice``. spice: None runs SPICE when its models are present (else a one-line notice on
-    stderr), True requires it, False skips it. Java runs the tokenizer and METEOR.
+    ``spice``. tokenizer: ``"spacy"`` (the official scripts' tokens and lemmas) or ``"ptb"``
+    (the toolkit's PTB tokenizer and ``lemminflect`` coverage; see the module docstring).
+    spice: None runs SPICE when its models are present (else a one-line notice on stderr), True
+    requires it, False skips it. Java runs METEOR (and the PTB tokenizer).
     """
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(
+            f"unknown CommonGen tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}"
+        )
     if not len(concepts) == len(predictions) == len(references):
         raise ValueError(
             f"score_commongen needs one entry per concept set in each list, got "
@@ -143,22 +167,53 @@ def score_commongen(
     from pycocoevalcap.rouge.rouge import Rouge
 
     _meteor()  # its Java process loads its tables while the tokenizer runs
-    gts, res = ptb_tokenize(references, predictions)
+    if tokenizer == "spacy":
+        english = english_pipeline()
+        gts = {str(i): [english.tokens(text) for text in refs] for i, refs in enumerate(references)}
+        res = {str(i): [english.tokens(text)] for i, text in enumerate(predictions)}
+        covered = [
+            concept_coverage(concepts[i], english.lemmas(text))
+            for i, text in enumerate(predictions)
+        ]
+    else:
+        gts, res = ptb_tokenize(references, predictions)
+        covered = [
+            inflection_coverage(concepts[i], res[str(i)][0].split())
+            for i in range(len(predictions))
+        ]
     scores = {
         "bleu_4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
         "meteor": _meteor_score(gts, res),
         "rouge_l": Rouge().compute_score(gts, res)[0],
         "cider": Cider().compute_score(gts, res)[0],
-        "coverage": sum(
-            concept_coverage(concepts[i], res[str(i)][0].split()) for i in range(len(concepts))
-        )
-        / len(concepts),
+        "coverage": sum(covered) / len(covered),
     }
     if _should_run_spice(spice):
         spice_score = _spice_score(gts, res, required=bool(spice))
         if spice_score is not None:
             scores["spice"] = spice_score
     return {name: float(value) for name, value in scores.items()}
+
+
+def scorer_names(tokenizer: str = "spacy") -> dict[str, str]:
+    """What :func:`score_commongen` with ``tokenizer`` uses, with versions, for the output:
+    ``{"tokenizer": ..., "lemmatizer": ...}``."""
+    if tokenizer == "ptb":
+        return {
+            "tokenizer": f"ptb: the COCO caption toolkit's PTBTokenizer (pycocoevalcap "
+            f"{_version('pycocoevalcap')}; lower case, punctuation dropped)",
+            "lemmatizer": f"lemminflect {_version('lemminflect')}: every lemma of a word under "
+            "any part of speech, concepts lemmatised too",
+        }
+    english = english_pipeline()
+    return {"tokenizer": english.tokenizer_name, "lemmatizer": english.lemmatizer_name}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 def ptb_tokenize(
@@ -193,7 +248,14 @@ def ptb_tokenize(
 def _java_errors(what: str) -> Iterator[SimpleNamespace]:
     """Runs a toolkit step with the process's stderr (file descriptor 2, which Java writes
     to) sent to a temporary file; yields a namespace whose ``text`` holds it afterwards, for
-    error messages. A missing ``java`` is a ConfigError."""
+    error messages. A missing ``java`` is a ConfigError, found before the step starts: a
+    ``Meteor()`` whose Java failed to start is left half built, and its ``__del__`` then prints
+    a traceback at exit."""
+    if shutil.which("java") is None:
+        raise ConfigError(
+            f"{what} of the COCO caption toolkit runs Java, and no 'java' command was found on "
+            "PATH; install a Java runtime (8 or later)"
+        )
     captured = SimpleNamespace(text="")
     with tempfile.TemporaryFile(mode="w+") as log:
         sys.stderr.flush()
@@ -201,11 +263,6 @@ def _java_errors(what: str) -> Iterator[SimpleNamespace]:
         os.dup2(log.fileno(), 2)
         try:
             yield captured
-        except FileNotFoundError as error:
-            raise ConfigError(
-                f"{what} of the COCO caption toolkit runs Java, and no 'java' command was "
-                f"found ({error}); install a Java runtime (8 or later)"
-            ) from error
         except PermissionError as error:  # it writes temporary files beside its jars
             raise ConfigError(
                 f"{what} of the COCO caption toolkit could not write its temporary file "
@@ -295,7 +352,94 @@ def _should_run_spice(requested: bool | None) -> bool:
     return False
 
 
-# --- concept coverage ------------------------------------------------------------------------
+# --- spaCy's tokens and lemmas, and concept coverage -----------------------------------------
+
+
+@dataclass(frozen=True)
+class EnglishPipeline:
+    """spaCy's English tokenizer and a lemmatizer, as the official CommonGen scripts use them.
+
+    nlp: ``en_core_web_sm`` (tagger and rule lemmatizer) when installed, else
+    ``spacy.blank("en")`` (the same tokenizer rules, no model). lemma_table: spaCy's English
+    lookup table (``spacy-lookups-data``) when ``nlp`` has no lemmatizer, else None.
+    tokenizer_name, lemmatizer_name: what was used, with versions, for the output.
+    """
+
+    nlp: Any
+    lemma_table: Any
+    tokenizer_name: str
+    lemmatizer_name: str
+
+    def tokens(self, text: str) -> str:
+        """``text`` tokenised: the token texts joined by single spaces, case and punctuation
+        kept (spaces and newlines are not tokens: the scorers split on whitespace)."""
+        return " ".join(token.text for token in self.nlp.tokenizer(text) if not token.is_space)
+
+    def lemmas(self, text: str) -> frozenset[str]:
+        """The lemmas of ``text``'s tokens: the pipeline's, or the lookup table's entry for
+        the lower-cased token (the token itself, lower-cased, when the table lacks it)."""
+        if self.lemma_table is None:
+            return frozenset(token.lemma_ for token in self.nlp(text))
+        return frozenset(
+            self.lemma_table.get(token.lower_, token.lower_) for token in self.nlp.tokenizer(text)
+        )
+
+
+@cache
+def english_pipeline() -> EnglishPipeline:
+    """The :class:`EnglishPipeline` of this process, built on first use (~0.2 s without
+    ``en_core_web_sm``; importing spaCy takes ~2 s more)."""
+    try:
+        import spacy
+        from spacy.lookups import load_lookups
+    except ImportError as error:
+        raise ConfigError(
+            f"CommonGen scoring with tokenizer 'spacy' (the default) needs spaCy ({error}); "
+            "run `pip install 'spacy>=3.7' spacy-lookups-data`, or pass --tokenizer ptb"
+        ) from error
+    if spacy.util.is_package(OFFICIAL_PIPELINE):
+        try:
+            nlp = spacy.load(OFFICIAL_PIPELINE, exclude=["parser", "ner"])
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{OFFICIAL_PIPELINE} is installed but spaCy {spacy.__version__} cannot load it "
+                f"({first_line(error)}); install the {OFFICIAL_PIPELINE} release for this spaCy, "
+                "or uninstall it to lemmatise with spaCy's lookup table"
+            ) from error
+        model = f"{OFFICIAL_PIPELINE} {nlp.meta.get('version', '')}".strip()
+        return EnglishPipeline(
+            nlp,
+            None,
+            tokenizer_name=f"spacy {spacy.__version__} English tokenizer ({model})",
+            lemmatizer_name=f"{model}: tagger and rule lemmatizer (as the official script)",
+        )
+    try:
+        table = load_lookups("en", ["lemma_lookup"]).get_table("lemma_lookup")
+    except (ValueError, ImportError) as error:
+        raise ConfigError(
+            f"CommonGen coverage needs spaCy's English lemma tables ({first_line(error)}); run "
+            "`pip install spacy-lookups-data`, or pass --tokenizer ptb"
+        ) from error
+    return EnglishPipeline(
+        spacy.blank("en"),
+        table,
+        tokenizer_name=f'spacy {spacy.__version__} English tokenizer (spacy.blank("en"), the '
+        f"rules of {OFFICIAL_PIPELINE}'s)",
+        lemmatizer_name=f"spaCy's English lookup table (spacy-lookups-data "
+        f"{_version('spacy-lookups-data')}) on the lower-cased token; a departure: "
+        f"{OFFICIAL_PIPELINE}'s tagger and rule lemmatizer are not installed",
+    )
+
+
+def concept_coverage(concepts: Sequence[str], lemmas: Collection[str]) -> float:
+    """The share of the distinct ``concepts`` found among ``lemmas`` (a sentence's lemmas),
+    exact match; a concept of several words needs each of them."""
+    if not concepts:
+        raise ValueError("concept_coverage needs at least one concept")
+    distinct = set(concepts)
+    return sum(all(word in lemmas for word in concept.split()) for concept in distinct) / len(
+        distinct
+    )
 
 
 @cache
@@ -312,11 +456,12 @@ def word_lemmas(word: str) -> frozenset[str]:
     return frozenset({word, *(lemma.lower() for lemmas in found.values() for lemma in lemmas)})
 
 
-def concept_coverage(concepts: Sequence[str], tokens: Sequence[str]) -> float:
-    """The share of ``concepts`` that appear, lemmatised, among the lemmas of ``tokens``
-    (a sentence's tokens). A concept of several words needs each of them."""
+def inflection_coverage(concepts: Sequence[str], tokens: Sequence[str]) -> float:
+    """Coverage as ``tokenizer="ptb"`` counts it: the share of ``concepts`` that appear,
+    lemmatised by ``lemminflect``, among the lemmas of ``tokens`` (a sentence's tokens). A
+    concept of several words needs each of them."""
     if not concepts:
-        raise ValueError("concept_coverage needs at least one concept")
+        raise ValueError("inflection_coverage needs at least one concept")
     present = frozenset().union(*(word_lemmas(token) for token in tokens))
     covered = [all(word_lemmas(word) & present for word in concept.split()) for concept in concepts]
     return sum(covered) / len(concepts)
@@ -399,7 +544,7 @@ def _has_field(source: str, field: str) -> bool:
         return False
 
 
-def evaluate_files(references: str, predictions: str) -> dict[str, float]:
+def evaluate_files(references: str, predictions: str, tokenizer: str = "spacy") -> dict[str, float]:
     """The scores of a PREDICTIONS file against a REFERENCES source (see :func:`main`)."""
     sets = read_references(references)
     predicted = read_predictions(predictions)
@@ -421,6 +566,7 @@ def evaluate_files(references: str, predictions: str) -> dict[str, float]:
         [list(s.concepts) for s in sets],
         [predicted[concept_set_key(s.concepts)][0] for s in sets],
         [list(s.references) for s in sets],
+        tokenizer=tokenizer,
     )
 
 
@@ -430,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score CommonGen sentences as the CommonGen leaderboard does (COCO caption toolkit: "
             "BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE when installed) plus concept coverage; "
-            "prints one JSON object on the last line."
+            "prints one JSON object on the last line, which names the tokenizer and lemmatizer "
+            "used."
         ),
     )
     parser.add_argument(
@@ -443,14 +590,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "predictions", metavar="PREDICTIONS", help="JSON Lines {concepts, prediction}"
     )
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="spacy",
+        help="spacy (default): as the official CommonGen scripts, spaCy's English tokenizer "
+        "(case and punctuation kept) and coverage by exact match with a spaCy lemma "
+        "(en_core_web_sm's when installed, else spaCy's lookup table); ptb: a departure, the "
+        "COCO toolkit's PTB tokenizer (lower case, punctuation dropped) and coverage by "
+        "lemminflect lemmas, as earlier versions of this command scored",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``macsc commongen-eval REFERENCES PREDICTIONS``: print the scores as one JSON line
-    (last, so the toolkit's own output above it does not get in the way) and return 0."""
+    """``macsc commongen-eval REFERENCES PREDICTIONS [--tokenizer spacy|ptb]``: print the
+    scores, the tokenizer and the lemmatizer as one JSON line (last, so the toolkit's own output
+    above it does not get in the way) and return 0."""
     args = build_parser().parse_args(argv)
-    scores = evaluate_files(args.references, args.predictions)
+    scores = evaluate_files(args.references, args.predictions, args.tokenizer)
     sys.stdout.flush()
-    print(json.dumps(scores))
+    print(json.dumps({**scores, **scorer_names(args.tokenizer)}))
     return 0

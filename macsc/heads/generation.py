@@ -145,8 +145,8 @@ class GenerationHead(TaskHead):
 
     def compute_metrics(self, metrics, context: EvaluationContext) -> EvaluationResult:
         """Decodes the sentences; scores them against every reference of their concept set
-        with the COCO caption toolkit (:func:`macsc.commongen_eval.score_commongen`) on global
-        rank 0 and shares the scores with the other ranks; records one line per concept set."""
+        with the COCO caption toolkit on spaCy's tokens, as the official CommonGen scripts
+        (:func:`macsc.commongen_eval.score_commongen`), on global rank 0 and shares the scores with the other ranks; records one line per concept set."""
         generated = metrics.compute()
         metrics.reset()
         datamodule = context.datamodule
