@@ -337,9 +337,20 @@ def test_raising_one_candidate_makes_it_the_answer_everywhere(tiny_mlm, tmp_path
     assert result.accuracy == pytest.approx([1 / 4] * 7)  # one of the four objects is round
 
 
+def test_a_probe_needs_examples_to_have_an_accuracy():
+    with pytest.raises(ValueError, match="probe empty has no examples"):
+        Probe("empty", [], {"round": ("round",)}, ("[ITEM] is [MASK] .",))
+
+
 #: the probabilities at every mask of :func:`chosen_mlm`: two synonyms of "round", each below
 #: "square", whose sum beats it; every other word piece gets a negligible share
 CHOSEN = {"square": 0.4, "round": 0.3, "circle": 0.3}
+#: twelve objects, one of them round (written with its synonym, as ViComTe does)
+TWELVE_SHAPES = [{"sub": "clock", "obj": "circle"}] + [
+    {"sub": item, "obj": "square"}
+    for item in ("table", "box", "tile", "window", "dice", "napkin", "chessboard", "stamp",
+                 "cracker", "cube", "pillow")
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +403,19 @@ def test_a_class_scores_the_sum_of_its_synonyms_probabilities(chosen_mlm, shape_
     assert all(p == "round" for row in result.predictions for p in row)
     # the four objects: clock (round), stop sign, field, table: one of four right everywhere
     assert result.accuracy == [1 / 4] * len(SHAPE_TEMPLATES)
+
+
+def test_probe_accuracies_are_exact_fractions(chosen_mlm, tmp_path, capsys):
+    """One of twelve objects right under every template: the report says 1/12 in float64
+    (0.08333333333333333), not a float32 mean (0.0833333358168602), and so does the average."""
+    path = write_jsonl(tmp_path / "shape" / "test.jsonl", TWELVE_SHAPES)
+    code, lines, _ = run_cli(capsys, "--model", str(chosen_mlm), "--object-shape", str(path))
+    assert code == 0
+    shapes = json.loads(lines[-1])["probes"]["object_shape"]
+    assert shapes["examples"] == 12
+    assert [t["accuracy"] for t in shapes["templates"]] == [1 / 12] * len(SHAPE_TEMPLATES)
+    assert shapes["average"] == 1 / 12
+    assert '"average": 0.08333333333333333' in lines[-1]
 
 
 # ---------------------------------------------------------------------------------- CLIP row
