@@ -13,11 +13,12 @@ cloze templates. Three kinds of model answer them:
 Masked-LM scoring: a candidate word of ``n`` word pieces gets ``n`` masks; its score is the mean
 log-probability of its pieces at those masks; a class scores the sum of its words'
 probabilities; the prediction is the top class among the candidates only. Accuracy is computed
-per template and reported averaged over the templates.
+per template, as the exact fraction correct / examples, and reported averaged over the templates.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class Probe:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if not self.examples:
+            raise ValueError(f"probe {self.name} has no examples")
         unknown = sorted({e.label for e in self.examples} - set(self.classes))
         if unknown:
             raise ValueError(f"probe {self.name}: labels {unknown} are not among its classes")
@@ -79,8 +82,9 @@ class Probe:
 
 @dataclass
 class ProbeResult:
-    """Accuracy (0-1) of one probe under each template, and the predicted class of every
-    example under every template (``predictions[t][e]``)."""
+    """Accuracy (0-1) of one probe under each template, the fraction ``correct / examples`` in
+    float64 (1 of 12 is ``0.08333333333333333``), and the predicted class of every example under
+    every template (``predictions[t][e]``)."""
 
     name: str
     source: str
@@ -91,7 +95,7 @@ class ProbeResult:
     @property
     def average(self) -> float:
         """The reported number: the accuracy averaged over the templates."""
-        return sum(self.accuracy) / len(self.accuracy)
+        return math.fsum(self.accuracy) / len(self.accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,12 +183,13 @@ def _result(probe: Probe, class_scores: Tensor) -> ProbeResult:
     names = list(probe.classes)
     gold = torch.tensor([names.index(e.label) for e in probe.examples])
     predicted = class_scores.argmax(dim=-1).cpu()  # first maximum on ties
-    accuracy = (predicted == gold).float().mean(dim=1)
+    # counted in integers and divided in Python: a float32 mean shows 1/12 as 0.0833333358...
+    correct = (predicted == gold).sum(dim=1).tolist()
     return ProbeResult(
         name=probe.name,
         source=probe.source,
         templates=list(probe.templates),
-        accuracy=[float(a) for a in accuracy],
+        accuracy=[count / len(probe.examples) for count in correct],
         predictions=[[names[int(c)] for c in row] for row in predicted],
     )
 

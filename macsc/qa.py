@@ -4,7 +4,7 @@ Feature building turns flat examples (``tasks.squad_data``) into sliding windows
 context; post-processing turns per-window start/end logits back into answer text of the original
 context. Neither needs a model, so both are tested on crafted inputs.
 
-Positions (``start_positions``, ``end_positions``, ``cls_index``) index the tokens of each
+Positions (``start_positions``, ``end_positions``, ``null_index``) index the tokens of each
 feature as returned here. With the default ``pad_to_max_length=False`` a collate function that
 pads on the right keeps them valid; one that pads on the left must shift them by the padding.
 """
@@ -77,6 +77,30 @@ def truncate_questions(
     return kept
 
 
+def null_position(input_ids: Sequence[int], attention_mask: Sequence[int], tokenizer: Any) -> int:
+    """The position where one window scores "no answer" (SQuAD v2's null, ``start + end`` there).
+
+    The tokenizer's CLS token where it has one (first for BERT and RoBERTa, last for XLNet).
+    Otherwise the last end-of-sequence token among the window's real tokens, the one that
+    closes it: CLIP's tokenizer has no CLS, and its text towers are causal (SPEC 13), so their
+    start token sees nothing of the input while the final EOT has seen the question and the
+    context. With neither token, the first position.
+
+    input_ids, attention_mask: one window's tokens and mask (padding, which may repeat the
+    end-of-sequence token as CLIP's does, has mask 0).
+    """
+    cls_id = tokenizer.cls_token_id
+    if cls_id is not None and cls_id in input_ids:
+        return list(input_ids).index(cls_id)
+    eos_id = tokenizer.eos_token_id
+    ends = [
+        i
+        for i, (token, real) in enumerate(zip(input_ids, attention_mask, strict=True))
+        if real and token == eos_id
+    ]
+    return ends[-1] if ends else 0
+
+
 def prepare_squad_features(
     examples: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -104,11 +128,11 @@ def prepare_squad_features(
             F lists of L_f ints;
         ``offset_mapping``: F lists of L_f items, ``(start, end)`` characters in the context for
             context tokens and None for every other token;
-        ``example_id``: F question ids; ``cls_index``: F ints, the position of the tokenizer's
-            CLS token (first token if it has none);
+        ``example_id``: F question ids; ``null_index``: F ints, where the window scores "no
+            answer" (:func:`null_position`: the CLS token, or a causal text tower's final EOT);
         ``start_positions``, ``end_positions``: F ints, the answer's first and last token (the
-            question's first gold answer), or ``cls_index`` when the question is unanswerable or
-            the answer is not wholly inside this window.
+            question's first gold answer), or ``null_index`` when the question is unanswerable
+            or the answer is not wholly inside this window.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
@@ -136,10 +160,10 @@ def prepare_squad_features(
         stride=doc_stride,
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
+        return_attention_mask=True,
         padding="max_length" if pad_to_max_length else False,
     )
     context_sequence = 1 if question_first else 0
-    cls_id = tokenizer.cls_token_id
     features: dict[str, list[Any]] = {
         key: list(encoded[key])
         for key in ("input_ids", "attention_mask", "token_type_ids")
@@ -148,7 +172,7 @@ def prepare_squad_features(
     features.update(
         offset_mapping=[],
         example_id=[],
-        cls_index=[],
+        null_index=[],
         start_positions=[],
         end_positions=[],
     )
@@ -160,16 +184,16 @@ def prepare_squad_features(
                 encoded["offset_mapping"][f], encoded.sequence_ids(f), strict=True
             )
         ]
-        cls_index = input_ids.index(cls_id) if cls_id in input_ids else 0
+        null_index = null_position(input_ids, encoded["attention_mask"][f], tokenizer)
         answers = examples[example_index]["answers"]
         span = None
         if answers["text"]:
             start_char = answers["answer_start"][0]
             span = answer_token_span(offsets, start_char, start_char + len(answers["text"][0]))
-        start, end = span if span is not None else (cls_index, cls_index)
+        start, end = span if span is not None else (null_index, null_index)
         features["offset_mapping"].append(offsets)
         features["example_id"].append(ids[example_index])
-        features["cls_index"].append(cls_index)
+        features["null_index"].append(null_index)
         features["start_positions"].append(start)
         features["end_positions"].append(end)
     return features
@@ -222,8 +246,8 @@ def postprocess_qa_predictions(
     """Answer text per question from per-feature start/end logits.
 
     examples: flat examples ``{id, context, ...}``.
-    features: at least ``example_id``, ``offset_mapping`` and ``cls_index`` per feature, as made
-        by :func:`prepare_squad_features` (in any order; several features per example).
+    features: at least ``example_id``, ``offset_mapping`` and ``null_index`` per feature, as
+        made by :func:`prepare_squad_features` (in any order; several features per example).
     start_logits, end_logits: F rows of (L_f,) or (L,) float scores (log-probabilities work too),
         row f for feature f; a row may be longer than its offsets (batch padding).
     n_best, max_answer_length: see :func:`span_candidates`; the best of the ``n_best`` spans of
@@ -231,8 +255,8 @@ def postprocess_qa_predictions(
     version_2: predict ``""`` when ``null_odds > null_threshold``.
 
     Returns ``(predictions, null_odds)``: question id -> answer text, and question id ->
-    ``null score - best span score`` (the null score is the smallest ``start[cls] + end[cls]``
-    over the example's windows; ``inf`` when no window has a valid span). Examples with no
+    ``null score - best span score`` (the null score is the smallest ``start[null] + end[null]``
+    over the example's windows, at each window's ``null_index``; ``inf`` when no window has a valid span). Examples with no
     feature (a partial validation pass) get no entry.
     """
     if not len(features["example_id"]) == len(start_logits) == len(end_logits):
@@ -254,8 +278,8 @@ def postprocess_qa_predictions(
         for f in by_example[qid]:
             starts = np.asarray(start_logits[f], dtype=np.float64)
             ends = np.asarray(end_logits[f], dtype=np.float64)
-            cls_index = features["cls_index"][f]
-            null_score = min(null_score, starts[cls_index] + ends[cls_index])
+            null = features["null_index"][f]
+            null_score = min(null_score, starts[null] + ends[null])
             offsets = features["offset_mapping"][f]
             candidates += span_candidates(starts, ends, offsets, n_best, max_answer_length)
         if candidates:

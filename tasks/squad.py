@@ -8,14 +8,16 @@ iterate over features; post-processing gathers each question's windows back into
 the feature's question), a batch holds:
 
 - ``start_positions``, ``end_positions`` ``(B,)`` long: the first gold answer's first and last
-  token in the window, or ``cls_index`` when the question is unanswerable or the answer is not
+  token in the window, or ``null_index`` when the question is unanswerable or the answer is not
   wholly inside this window;
-- ``cls_index`` ``(B,)``: the backbone's CLS position; ``feature_index`` ``(B,)``: the feature's
-  position in its split (the post-processing reads its offsets and question through it);
+- ``null_index`` ``(B,)``: where the window scores "no answer", the backbone's CLS position, or
+  the final EOT of a causal text tower, whose start token sees nothing of the input (SPEC 13;
+  :func:`macsc.qa.null_position`); ``feature_index`` ``(B,)``: the feature's position in its
+  split (the post-processing reads its offsets and question through it);
 - ``context_start``, ``context_end`` ``(B,)``: the window's context tokens are
   ``[context_start, context_end)``;
 - ``context_mask`` ``(B, l)`` bool: the positions an answer may take -- the context tokens, and
-  for v2 also the CLS position ("no answer"); the allocation distributions live there (SPEC 4).
+  for v2 also the null position ("no answer"); the allocation distributions live there (SPEC 4).
 
 Positions index the unpadded window; the collator pads on the right for every backbone (XLNet
 included), so they stay valid.
@@ -81,12 +83,12 @@ def context_bounds(offsets: list[tuple[int, int] | None]) -> tuple[int, int]:
 class SpanCollator(Collator):
     """The base batch plus ``context_mask`` (module docstring).
 
-    with_cls: v2, the CLS position is an answer position too. pad_to: pad every ``(B, l)``
+    with_null: v2, the null position is an answer position too. pad_to: pad every ``(B, l)``
     tensor to this length (a fixed ``l`` on every DDP rank, which ``gather_across_devices``
     needs); None pads to the longest window of the batch.
     """
 
-    with_cls: bool = False
+    with_null: bool = False
     pad_to: int | None = None
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,8 +106,8 @@ class SpanCollator(Collator):
         mask = (positions >= batch["context_start"][:, None]) & (
             positions < batch["context_end"][:, None]
         )
-        if self.with_cls:
-            mask |= positions == batch["cls_index"][:, None]
+        if self.with_null:
+            mask |= positions == batch["null_index"][:, None]
         batch["context_mask"] = mask
         return batch
 
@@ -241,14 +243,14 @@ class SquadDataModule(MaCSCDataModule):
             feature_index=list(range(len(features["example_id"]))),
             start_positions=features["start_positions"],
             end_positions=features["end_positions"],
-            cls_index=features["cls_index"],
+            null_index=features["null_index"],
             context_start=[start for start, _ in bounds],
             context_end=[end for _, end in bounds],
         )
         if split.name != "train":
             self._evaluation[split.name] = SpanEvaluationData(
                 split.examples,
-                {key: features[key] for key in ("example_id", "offset_mapping", "cls_index")},
+                {key: features[key] for key in ("example_id", "offset_mapping", "null_index")},
                 self.version_2,
                 self.n_best,
                 self.max_answer_length,
@@ -270,7 +272,7 @@ class SquadDataModule(MaCSCDataModule):
             self.pad_token_id,
             self._texts[name].segments,
             self._tables[name],
-            with_cls=self.version_2,
+            with_null=self.version_2,
             pad_to=self.max_length if self.pad_to_max_length else None,
         )
 

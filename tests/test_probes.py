@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -334,6 +335,87 @@ def test_raising_one_candidate_makes_it_the_answer_everywhere(tiny_mlm, tmp_path
     # "circle" is a word of the class "round": every example, every template, predicts round
     assert all(p == "round" for row in result.predictions for p in row)
     assert result.accuracy == pytest.approx([1 / 4] * 7)  # one of the four objects is round
+
+
+def test_a_probe_needs_examples_to_have_an_accuracy():
+    with pytest.raises(ValueError, match="probe empty has no examples"):
+        Probe("empty", [], {"round": ("round",)}, ("[ITEM] is [MASK] .",))
+
+
+#: the probabilities at every mask of :func:`chosen_mlm`: two synonyms of "round", each below
+#: "square", whose sum beats it; every other word piece gets a negligible share
+CHOSEN = {"square": 0.4, "round": 0.3, "circle": 0.3}
+#: twelve objects, one of them round (written with its synonym, as ViComTe does)
+TWELVE_SHAPES = [{"sub": "clock", "obj": "circle"}] + [
+    {"sub": item, "obj": "square"}
+    for item in ("table", "box", "tile", "window", "dice", "napkin", "chessboard", "stamp",
+                 "cracker", "cube", "pillow")
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chosen_mlm(tiny_mlm, tmp_path_factory) -> Path:
+    """A masked LM whose logits are its output bias alone (decoder weights zero, untied), so the
+    probabilities at any mask are chosen here: log-weights ``CHOSEN`` and -30 for every other
+    token of the vocabulary."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mlm)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = BertForMaskedLM(config)
+    decoder = model.cls.predictions.decoder
+    with torch.no_grad():
+        decoder.weight.zero_()
+        decoder.bias.fill_(-30.0)
+        for word, probability in CHOSEN.items():
+            decoder.bias[tokenizer.convert_tokens_to_ids(word)] = math.log(probability)
+    folder = tmp_path_factory.mktemp("chosen_mlm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_class_scores_the_sum_of_its_synonyms_probabilities(chosen_mlm, shape_folder):
+    """round <- {round, circle}: each synonym (0.3) is below square (0.4), their sum (0.6) is
+    above it, so every object is predicted round."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chosen_mlm)
+    bias = torch.full((tokenizer.vocab_size,), -30.0, dtype=torch.float64)
+    for word, probability in CHOSEN.items():
+        bias[tokenizer.convert_tokens_to_ids(word)] = math.log(probability)
+    log_z = torch.logsumexp(bias, dim=0).item()  # the softmax's normaliser, by hand
+    probe = load_object_shape(shape_folder)
+    words, _ = probe_words(probe)
+    scorer = masked_lm_scorer(str(chosen_mlm), "cpu")
+    scores = masked_lm_word_scores(probe, *scorer)
+    for word, probability in CHOSEN.items():
+        expected = torch.full(scores.shape[:2], math.log(probability) - log_z, dtype=torch.float64)
+        torch.testing.assert_close(
+            scores[..., words.index(word)].double(), expected, atol=1e-5, rtol=0
+        )
+    assert scores[..., words.index("star")].max() < math.log(1e-6)
+
+    result = score_masked_lm(probe, *scorer)
+    assert all(p == "round" for row in result.predictions for p in row)
+    # the four objects: clock (round), stop sign, field, table: one of four right everywhere
+    assert result.accuracy == [1 / 4] * len(SHAPE_TEMPLATES)
+
+
+def test_probe_accuracies_are_exact_fractions(chosen_mlm, tmp_path, capsys):
+    """One of twelve objects right under every template: the report says 1/12 in float64
+    (0.08333333333333333), not a float32 mean (0.0833333358168602), and so does the average."""
+    path = write_jsonl(tmp_path / "shape" / "test.jsonl", TWELVE_SHAPES)
+    code, lines, _ = run_cli(capsys, "--model", str(chosen_mlm), "--object-shape", str(path))
+    assert code == 0
+    shapes = json.loads(lines[-1])["probes"]["object_shape"]
+    assert shapes["examples"] == 12
+    assert [t["accuracy"] for t in shapes["templates"]] == [1 / 12] * len(SHAPE_TEMPLATES)
+    assert shapes["average"] == 1 / 12
+    assert '"average": 0.08333333333333333' in lines[-1]
 
 
 # ---------------------------------------------------------------------------------- CLIP row

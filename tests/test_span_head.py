@@ -109,7 +109,7 @@ class FakeData:
         features = {
             "example_id": [e["id"] for e in examples],
             "offset_mapping": [OFFSETS] * len(examples),
-            "cls_index": [0] * len(examples),
+            "null_index": [0] * len(examples),
         }
         self.data = SpanEvaluationData(examples, features, version_2)
 

@@ -82,7 +82,7 @@ def test_positions_point_at_the_answer_or_at_cls(v2):
     answered = set()
     for row, qid in enumerate(data.features["example_id"]):
         start, end = batch["start_positions"][row].item(), batch["end_positions"][row].item()
-        cls = batch["cls_index"][row].item()
+        cls = batch["null_index"][row].item()
         assert batch["input_ids"][row, cls].item() == tokenizer.cls_token_id
         answer = QUESTIONS[qid][2]
         if (start, end) == (cls, cls):
@@ -103,7 +103,7 @@ def test_context_mask_is_the_context_tokens_plus_cls_for_v2(v2):
     for row, window in enumerate(offsets):
         expected = torch.zeros(batch["input_ids"].shape[1], dtype=torch.bool)
         expected[[i for i, offset in enumerate(window) if offset is not None]] = True
-        expected[batch["cls_index"][row]] = True
+        expected[batch["null_index"][row]] = True
         assert torch.equal(batch["context_mask"][row], expected)
 
 
@@ -129,7 +129,7 @@ def test_v1_has_no_cls_answer_position_and_refuses_unanswerable_data(tmp_path):
     datamodule = module(tmp_path, version="1.1", data_files={"train": path, "validation": path})
     batch = next(iter(datamodule.val_dataloader()))
     rows = torch.arange(batch["input_ids"].shape[0])
-    assert not batch["context_mask"][rows, batch["cls_index"]].any()
+    assert not batch["context_mask"][rows, batch["null_index"]].any()
     assert not datamodule.span_evaluation("val", "validation").version_2
     with_unanswerable = squad_json(tmp_path / "v2.json")
     with pytest.raises(DataError, match="version: '2.0'"):

@@ -99,19 +99,50 @@ def test_a_tokenizer_without_fast_offsets_is_named():
         prepare_squad_features(EXAMPLES, Slow())
 
 
-def test_without_a_cls_token_the_first_position_stands_for_no_answer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_level_tokenizer(**special):
+    """Words only; with ``eos_token``: pairs become ``a </s> b </s>`` and padding repeats ``</s>``
+    (CLIP's layout: no CLS, the end-of-text token closes the window and pads it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "where", "is", "it", "in", "paris", "?", "."]
+    words = ["<pad>", "<unk>", "</s>", "where", "is", "it", "in", "paris", "?", "."]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
-    assert tokenizer.cls_token_id is None
-    answers = {"text": [], "answer_start": []}
-    example = {"id": "q", "question": "where is it ?", "context": "in paris .", "answers": answers}
-    out = prepare_squad_features([example], tokenizer, 32, 8, max_question_length=8)
-    assert out["cls_index"] == [0] and out["start_positions"] == [0]
+    if special.get("eos_token"):
+        backend.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", 2)]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+UNANSWERABLE = {
+    "id": "q",
+    "question": "where is it ?",
+    "context": "in paris .",
+    "answers": {"text": [], "answer_start": []},
+}
+
+
+def test_without_cls_or_eos_tokens_the_first_position_stands_for_no_answer():
+    tokenizer = word_level_tokenizer(pad_token="<pad>")
+    assert tokenizer.cls_token_id is None and tokenizer.eos_token_id is None
+    out = prepare_squad_features([UNANSWERABLE], tokenizer, 32, 8, max_question_length=8)
+    assert out["null_index"] == [0] and out["start_positions"] == [0]
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_without_a_cls_token_no_answer_is_the_end_token_that_closes_the_window(pad):
+    """SPEC 13: CLIP's tokenizer has no CLS and its towers are causal; the null position is the
+    window's own last end-of-text token, never the padding that repeats it."""
+    tokenizer = word_level_tokenizer(eos_token="</s>", pad_token="</s>")
+    out = prepare_squad_features(
+        [UNANSWERABLE], tokenizer, 16, 4, max_question_length=8, pad_to_max_length=pad
+    )
+    # where is it ? </s> in paris . </s> [</s> padding]
+    assert out["input_ids"][0] == [3, 4, 5, 8, 2, 6, 7, 9, 2] + [2] * (7 if pad else 0)
+    assert out["attention_mask"][0] == [1] * 9 + [0] * (7 if pad else 0)
+    assert out["null_index"] == [8] and out["start_positions"] == out["end_positions"] == [8]
+    assert out["offset_mapping"][0][8] is None  # never an answer token
 
 
 # --- post-processing ----------------------------------------------------------------------------
@@ -132,7 +163,7 @@ def test_default_answers_are_at_most_30_tokens_and_20_best_positions():
     starts[1], ends[31], ends[30] = 5.0, 5.0, 4.0
     context = "x" * 40
     examples = [{"id": "q", "context": context}]
-    feats = {"example_id": ["q"], "offset_mapping": [run_offsets(40)], "cls_index": [0]}
+    feats = {"example_id": ["q"], "offset_mapping": [run_offsets(40)], "null_index": [0]}
     answer = postprocess_qa_predictions(examples, feats, [starts], [ends])[0]["q"]
     assert len(answer) == 30
     ends[30], ends[29] = -5.0, 3.0

@@ -1,8 +1,9 @@
 """Sliding-window SQuAD features and the mapping back to text (macsc.qa), offline.
 
-Three tokenizers: the real BERT WordPiece of all-MiniLM-L6-v2 (question first, token types), a
+Four tokenizers: the real BERT WordPiece of all-MiniLM-L6-v2 (question first, token types), a
 tiny byte-level BPE built like RoBERTa's (no token types, offsets that skip the leading space),
-and a tiny XLNet-like one that pads on the left, puts the context first and CLS last.
+a tiny XLNet-like one that pads on the left, puts the context first and CLS last, and CLIP's own
+BPE as the text towers read it (no CLS; the final EOT stands for "no answer").
 """
 
 import json
@@ -121,10 +122,20 @@ def xlnet_like_tokenizer():
     )
 
 
+def clip_tokenizer():
+    """CLIP's own BPE as the text towers read it (SPEC 13): no CLS, ``SOT q EOT EOT c EOT``."""
+    import open_clip
+
+    from macsc.text_tower import clip_hf_tokenizer
+
+    return clip_hf_tokenizer(open_clip.get_tokenizer("ViT-B-32"), 77)
+
+
 TOKENIZERS = {
     "bert": bert_tokenizer,
     "roberta-like": roberta_like_tokenizer,
     "xlnet-like": xlnet_like_tokenizer,
+    "clip": clip_tokenizer,
 }
 
 
@@ -172,7 +183,7 @@ def test_windows_offsets_and_labels(examples, tokenizer, pad):
         "input_ids",
         "attention_mask",
         "offset_mapping",
-        "cls_index",
+        "null_index",
         "start_positions",
         "end_positions",
     ):
@@ -185,18 +196,25 @@ def test_windows_offsets_and_labels(examples, tokenizer, pad):
     assert all(
         len(windows) > 2 for windows in by_example.values()
     )  # the context needs several windows
-    cls_id = tokenizer.cls_token_id
     for f in range(count):
-        ids, offsets, cls_index = (
+        ids, offsets, null = (
             features["input_ids"][f],
             features["offset_mapping"][f],
-            features["cls_index"][f],
+            features["null_index"][f],
         )
         assert len(ids) == len(offsets) <= 64
         assert not pad or len(ids) == 64
-        assert ids[cls_index] == cls_id and offsets[cls_index] is None
-        # XLNet-like tokenizers put CLS last (after any right padding there is none: it pads left).
-        assert cls_index == (len(ids) - 1 if tokenizer.padding_side == "left" else 0)
+        assert offsets[null] is None  # "no answer" is never a context token
+        if tokenizer.cls_token_id is not None:
+            # XLNet-like tokenizers put CLS last (after any right padding there is none: it
+            # pads left); the others first.
+            assert ids[null] == tokenizer.cls_token_id
+            assert null == (len(ids) - 1 if tokenizer.padding_side == "left" else 0)
+        else:
+            # CLIP: the causal tower's SOT sees nothing, so no answer is the EOT that closes
+            # the window (its last real token; the padding repeats EOT).
+            assert ids[null] == tokenizer.eos_token_id
+            assert null == sum(features["attention_mask"][f]) - 1 > 0
         context_tokens = [o for o in offsets if o is not None]
         assert context_tokens and all(0 <= s <= e <= len(CONTEXT) for s, e in context_tokens)
         # Context tokens are one contiguous run: the question sits outside it.
@@ -205,7 +223,7 @@ def test_windows_offsets_and_labels(examples, tokenizer, pad):
         qid = features["example_id"][f]
         start, end = features["start_positions"][f], features["end_positions"][f]
         if qid in UNANSWERABLE:
-            assert start == end == cls_index
+            assert start == end == null
             continue
         answer = ANSWERS[qid][1]
         answer_start = CONTEXT.index(answer)
@@ -216,10 +234,10 @@ def test_windows_offsets_and_labels(examples, tokenizer, pad):
         if inside:
             assert CONTEXT[offsets[start][0] : offsets[end][1]] == answer
         else:
-            assert start == end == cls_index
+            assert start == end == null
     for qid in ANSWERS:
         assert any(
-            features["start_positions"][f] != features["cls_index"][f] for f in by_example[qid]
+            features["start_positions"][f] != features["null_index"][f] for f in by_example[qid]
         )
 
 

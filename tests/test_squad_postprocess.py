@@ -40,12 +40,12 @@ def logits(**peaks):
     return row
 
 
-def features(*offsets, example_ids=None, cls_index=None):
+def features(*offsets, example_ids=None, null_index=None):
     offsets = offsets or (OFFSETS,)
     return {
         "example_id": example_ids or ["q"] * len(offsets),
         "offset_mapping": list(offsets),
-        "cls_index": cls_index or [0] * len(offsets),
+        "null_index": null_index or [0] * len(offsets),
     }
 
 

@@ -14,8 +14,9 @@ from macsc.cli import main, run_lightning
 from macsc.errors import ConfigError
 from macsc.model import MaCSC
 from macsc.network import MaCSCNetwork
-from macsc.qa import prepare_squad_features
+from macsc.qa import postprocess_qa_predictions, prepare_squad_features
 from macsc.text_tower import build_text_tower
+from tasks.squad import SquadDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "lightning_configs"
@@ -202,17 +203,94 @@ def test_squad_windows_fit_the_77_token_context(tiny_clip):
     # the window that holds the answer points at it, and its offsets give back its text
     found = [
         (offsets, start, end)
-        for offsets, start, end in zip(
+        for offsets, start, end, null in zip(
             features["offset_mapping"],
             features["start_positions"],
             features["end_positions"],
+            features["null_index"],
             strict=True,
         )
-        if start > 0
+        if start != null
     ]
     assert found
     offsets, start, end = found[-1]
     assert context[offsets[start][0] : offsets[end][1]] == "Paris"
+
+
+def test_squad_v2_scores_no_answer_at_each_windows_final_eot(tiny_clip, tmp_path):
+    """SPEC 13: under the causal mask the SOT state is the same for every input, so "no answer"
+    is scored at the final EOT, which has seen the question and the context: the null logits of
+    two questions differ, unanswerable windows are trained to point there, and post-processing
+    reads the null score there."""
+    context = "The capital of France is Paris."
+    rows = [
+        ("paris", "What is the capital of France?", ["Paris"]),
+        ("mars", "Who is the king of the planet Mars?", []),  # longer: its batch row is unpadded
+    ]
+    examples = [
+        {"id": qid, "question": question, "context": context,
+         "answers": {"text": answer, "answer_start": [context.index(a) for a in answer]}}
+        for qid, question, answer in rows
+    ]  # fmt: skip
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(example) + "\n" for example in examples))
+    model = MaCSC(
+        backbone=None,
+        modalities=["text"],
+        task={"kind": "span", "num_labels": 2, "metrics": ["exact", "f1"]},
+        lambda_msb=0.0,
+        text_tower=tower_options(tiny_clip[1]),
+    ).eval()
+    data = SquadDataModule(
+        data_files={"train": str(path), "validation": str(path)},
+        max_length=77, doc_stride=26, max_question_length=13, eval_batch_size=2,
+    )  # fmt: skip
+    data.connect(model.tokenizer, {}, ["text"])
+    batch = next(iter(data.val_dataloader()))
+
+    # one window each, SOT question EOT EOT context EOT: the final EOT closes it (the shorter
+    # row is padded with EOT too, which is no real token)
+    final_eot = [
+        len(clip_ids([question])[0]) + len(clip_ids([context])[0]) - 1 for _, question, _ in rows
+    ]
+    assert batch["null_index"].tolist() == final_eot
+    assert batch["input_ids"][[0, 1], final_eot].tolist() == [49407, 49407]
+    assert batch["start_positions"][1] == batch["end_positions"][1] == final_eot[1]  # unanswerable
+    start, end = batch["start_positions"][0], batch["end_positions"][0]
+    assert model.tokenizer.decode(batch["input_ids"][0, start : end + 1]).strip() == "paris"
+    # v2 answer positions: the context tokens and the null position, nothing else
+    context_tokens = len(clip_ids([context])[0]) - 2
+    for row, null in enumerate(final_eot):
+        expected = torch.zeros(batch["input_ids"].shape[1], dtype=torch.bool)
+        expected[null - context_tokens : null] = True
+        expected[null] = True
+        assert torch.equal(batch["context_mask"][row], expected)
+    # the sentence position (the contrastive feature's row) is that same final EOT
+    assert model.network.sentence_rows(batch["attention_mask"])[:, 0].tolist() == final_eot
+
+    with torch.no_grad():
+        outputs = model(batch).head.outputs[0]  # (B, l, 2): start and end logits
+    null_logits = outputs[[0, 1], final_eot]
+    assert torch.equal(outputs[0, 0], outputs[1, 0])  # the SOT cannot tell the questions apart
+    assert not torch.allclose(null_logits[0], null_logits[1], atol=1e-4)
+
+    # the null score read by post-processing is start + end at the final EOT
+    evaluation = data.span_evaluation("val", "validation")
+    starts = [outputs[row, : final_eot[row] + 1, 0].numpy() for row in range(2)]
+    ends = [outputs[row, : final_eot[row] + 1, 1].numpy() for row in range(2)]
+    _, null_odds = postprocess_qa_predictions(
+        evaluation.examples, evaluation.features, starts, ends
+    )
+    for row, (qid, _, _) in enumerate(rows):
+        # 7 context tokens, fewer than n_best and max_answer_length: every span is a candidate
+        first = final_eot[row] - context_tokens
+        best_span = max(
+            float(starts[row][i]) + float(ends[row][j])
+            for i in range(first, final_eot[row])
+            for j in range(i, final_eot[row])
+        )
+        null_score = float(starts[row][final_eot[row]]) + float(ends[row][final_eot[row]])
+        assert null_odds[qid] == pytest.approx(null_score - best_span, abs=1e-5)
 
 
 def test_misconfigurations_are_one_clear_line(tiny_clip):

@@ -31,8 +31,8 @@ class SpanEvaluationData:
     """What post-processing needs to turn one split's per-feature logits into scored answers.
 
     examples: flat SQuAD examples ``{id, context, answers: {text, answer_start}}`` (split order).
-    features: per-feature lists ``example_id``, ``offset_mapping`` and ``cls_index`` as made by
-        :func:`macsc.qa.prepare_squad_features`; a batch's ``feature_index`` indexes them.
+    features: per-feature lists ``example_id``, ``offset_mapping`` and ``null_index`` as made
+        by :func:`macsc.qa.prepare_squad_features`; a batch's ``feature_index`` indexes them.
     version_2: SQuAD v2.0 (unanswerable questions; the null threshold is tuned on the split).
     n_best, max_answer_length: see :func:`macsc.qa.span_candidates`.
     null_threshold: v2, for unlabelled data (predict) only: answer "" where the null odds exceed
@@ -135,7 +135,7 @@ def score_spans(
     order = sorted(logits)
     features = {
         key: [data.features[key][f] for f in order]
-        for key in ("example_id", "offset_mapping", "cls_index")
+        for key in ("example_id", "offset_mapping", "null_index")
     }
     seen = set(map(str, features["example_id"]))
     examples = [example for example in data.examples if str(example["id"]) in seen]
@@ -201,7 +201,7 @@ class SpanHead(TaskHead):
     position (SPEC 3 and 5). The batch padding is masked where the batch is known (loss, allocation,
     metrics). The batch must hold ``attention_mask``, ``start_positions``, ``end_positions``
     (``(B,)``), ``context_mask`` (``(B, l)`` bool: the positions an answer may take, context
-    tokens and for v2 the CLS position) and ``feature_index`` (``(B,)``, for the metrics).
+    tokens and for v2 the null position) and ``feature_index`` (``(B,)``, for the metrics).
     """
 
     needs_tokens = True
