@@ -10,7 +10,7 @@ The two models (same backbone, same generation head, :mod:`macsc.heads.generatio
 
 - ``macsc``: T+I+A+V, prototypes of the paper's shapes (Gaussian, ``k = 8``, widths 512, 1024
   and 512 as CLIP, AudioCLIP and CLIP-ViP give), 8 enhancer heads; the decoder cross-attends to
-  ``[mean_m Ĥ^t_m ; Ĥ^image ; Ĥ^audio ; Ĥ^video]``, ``l + 24`` rows; no ``L_msb`` (the paper's);
+  ``[H^t ; Ĥ^image ; Ĥ^audio ; Ĥ^video]``, ``l + 24`` rows; no ``L_msb`` (the paper's);
 - ``text``: ``modalities: [text]``, plain T5 fine-tuning (the decoder reads the ``l`` rows of
   the encoder).
 

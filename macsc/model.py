@@ -30,6 +30,8 @@ __all__ = ["DEFAULT_PROTOTYPES", "MaCSC", "ModelOutput", "check_checkpoint_is_sa
 
 #: what each evaluation stage is called in metric names and files
 STAGES = {"validate": "val", "test": "test", "predict": "predict"}
+#: the checkpoint entry with the head options as they took effect (``TaskHead.recorded_options``)
+HEAD_OPTIONS_KEY = "macsc_head_options"
 
 
 @dataclass
@@ -89,7 +91,9 @@ class MaCSC(L.LightningModule):
             ``train/skipped_batches`` (one host sync per step).
         backbone_kwargs: extra keyword arguments of ``from_pretrained``.
         head_options: options of the task kind's head (generation: ``num_beams``,
-            ``max_new_tokens``, ...; see the head classes in :mod:`macsc.heads`).
+            ``max_new_tokens``, ``decoder_memory``, ...; see the head classes in
+            :mod:`macsc.heads`). A checkpoint records the options its head ran with
+            (:meth:`macsc.heads.TaskHead.recorded_options`).
         text_tower: the MC-PTM baselines (SPEC 13; Table 4 "+None" of CLIP, AudioCLIP,
             CLIP-ViP): a multimodal model's text tower is the encoder and is fine-tuned, and the
             data is tokenised with its own tokenizer; ``{kind: open_clip|audioclip|clip_vip,
@@ -456,7 +460,16 @@ class MaCSC(L.LightningModule):
             raise error
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the head options as they took effect, so that a later default cannot change what a
+        # checkpoint loads as; beside the hyperparameters, which load_from_checkpoint's keyword
+        # overrides rewrite
+        checkpoint[HEAD_OPTIONS_KEY] = self.head.recorded_options()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})
+        if note is not None:
+            rank_zero_info(note)
         # only when resuming a run: load_from_checkpoint has already mixed its keyword
         # overrides into these hyperparameters, and starts no training
         if self._trainer is not None:

@@ -128,6 +128,17 @@ class TaskHead(nn.Module):
         """Called with the network's backbone once both are built (a head that drives part of
         the backbone, such as a decoder, keeps a reference)."""
 
+    def recorded_options(self) -> dict[str, Any]:
+        """Head options a checkpoint records as they took effect, so that loading it rebuilds
+        the head its weights were trained with, whatever the default is by then."""
+        return {}
+
+    def restore_options(self, saved: dict[str, Any]) -> str | None:
+        """Called with what :meth:`recorded_options` gave when the checkpoint being loaded into
+        this head was written (empty for a checkpoint written before). Returns a line for the
+        user when an option was taken from the checkpoint, None otherwise."""
+        return None
+
     def aggregation_loss(self, outputs: Tensor, rho_logits: Tensor | None, batch: dict) -> Tensor:
         """The task loss ``L_wa`` (Eq. 12), averaged over the batch."""
         raise NotImplementedError
