@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from macsc.report import paper_results
@@ -166,3 +167,65 @@ def test_every_launched_row_is_a_row_of_its_paper_table():
         assert all(column in spec["columns"] for column in table["columns"])
         # every runnable row of the paper's table is launched (or says why not)
         assert {r["id"] for r in tables[number]["rows"]} <= {r["row"] for r in table["rows"]}
+
+
+def print_config(argv: list[str], capsys) -> dict:
+    """LightningCLI's own resolution of a printed command (``--print_config``)."""
+    from macsc.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_commongen_reads_its_batch_per_device_like_every_task(capsys):
+    """SPEC 10: A.3's "32 on GLUE and CommonGen, 12 on SQuAD" are per-device sizes for every
+    task, so CommonGen trains at 32 per device, 256 in all on its 8 GPUs, as GLUE does; the dry
+    run says so, and LightningCLI resolves the same from the command the dry run prints."""
+    out = run_table("--table", "3", "--dry-run").stdout
+    settings, fit = out.split("# Table 3 t5-3b/no-msb/T+I+A+V / commongen\n")[1].splitlines()[:2]
+    assert settings.startswith("# settings: batch 32 per device x 8 devices = 256 in all, lr 2e-5")
+    config = print_config(shlex.split(fit)[1:], capsys)
+    assert config["data"]["init_args"]["batch_size"] == 32
+    assert config["trainer"]["devices"] == 8
+    glue = run_table("--table", "1", "--dry-run").stdout.split(
+        "# Table 1 bert-base/ours/T+I / sst2\n"
+    )
+    assert glue[1].startswith("# settings: batch 32 per device x 8 devices = 256 in all, lr 1e-4")
+
+
+def test_each_grid_point_is_a_run_that_resumes_on_its_own(tmp_path):
+    rows = tmp_path / "rows.yaml"
+    spec = {
+        "columns": {"sst2": {"base": "glue_sst2.yaml"}},
+        "tables": {
+            1: {
+                "title": "t",
+                "estimate": "e",
+                "time_limit": "01:00:00",
+                "columns": ["sst2"],
+                "rows": [
+                    {
+                        "row": "b/none/T",
+                        "overlays": [],
+                        "grid": {"model.learning_rate": [1.0e-5, 2.0e-5]},
+                    }
+                ],
+            }
+        },
+    }
+    rows.write_text(yaml.safe_dump(spec))
+    for point in ("lr=1e-5", "lr=2e-5"):
+        done = tmp_path / "runs" / "sst2" / "b_none_T" / point / "validate.done"
+        done.parent.mkdir(parents=True)
+        done.touch()
+    result = run_table("--rows", rows, "--table", "1", "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    assert "done already b/none/T / sst2 lr=1e-5" in result.stdout
+    assert "done already b/none/T / sst2 lr=2e-5" in result.stdout
+    assert "$ macsc" not in result.stdout
+    spec["tables"][1]["rows"][0]["grid"] = {"model.learning_rate": []}
+    rows.write_text(yaml.safe_dump(spec))
+    result = run_table("--rows", rows, "--table", "1", "--dry-run")
+    assert result.returncode != 0 and "row b/none/T: grid should map options to" in result.stderr
