@@ -71,10 +71,10 @@ class PlannedRun:
 
     @property
     def label(self) -> str:
+        """``Table 1 <row> / <column>``, and which point of how many for a grid's run."""
         where = f"Table {', '.join(map(str, self.tables))} {self.row} / {self.column}"
         if self.grid_size > 1:
-            index = self.index + 1
-            where += f" (grid point {index} of {self.grid_size}: {self.point_label})"
+            where += f" (grid point {self.index + 1} of {self.grid_size}: {self.point_label})"
         return where
 
 
@@ -138,7 +138,7 @@ def parse_tables(value: str, known: list[int]) -> list[int]:
 
 def plan(spec: dict, tables: list[int], root: Path = ROOT) -> list[PlannedRun]:
     """Every run of ``tables``, each (column, row, grid point) once, in table order."""
-    runs: dict[tuple[str, str, str], PlannedRun] = {}
+    runs: dict[str, PlannedRun] = {}  # by name: <column>/<row>[/<point>]
     for number in tables:
         table = spec["tables"][number]
         for row in table["rows"]:
