@@ -19,7 +19,7 @@ from .heads import EvaluationContext, EvaluationResult, HeadOutput, build_task_h
 from .heatmaps import ModalityWeightHeatmaps
 from .network import DEFAULT_PROTOTYPES, BranchRepresentations, MaCSCNetwork
 from .objective import DeviceGroup, MaCSCObjective
-from .optim import build_optimizer, linear_schedule
+from .optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, check_choice, linear_schedule
 from .paths import resolve_pretrained
 from .prototypes import PrototypeExtractor
 from .run_folders import EmptyRunCleanup, write_evaluation
@@ -81,6 +81,10 @@ class MaCSC(L.LightningModule):
             and negatives span the global batch.
         learning_rate, weight_decay, warmup_ratio, adam_epsilon: AdamW with linear warm-up and
             linear decay to zero.
+        optimizer: ``adamw`` (default) or ``adafactor`` (T5's fine-tuning optimiser, for the T5
+            baseline of SPEC 10; ``adam_epsilon`` does not apply).
+        lr_schedule: after the warm-up, ``linear`` decay to zero (default) or a ``constant``
+            rate (T5's fine-tuning).
         modality_weight_lr_scale: learning-rate multiplier for the modality weights rho and Z
             (the paper uses one learning rate: 1.0; short runs may want them to move faster).
         dropout: dropout before the heads and in the enhancer (default: the backbone's).
@@ -123,6 +127,8 @@ class MaCSC(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         adam_epsilon: float = 1e-8,
+        optimizer: str = "adamw",
+        lr_schedule: str = "linear",
         modality_weight_lr_scale: float = 1.0,
         dropout: float | None = None,
         nonfinite: str = "raise",
@@ -135,6 +141,8 @@ class MaCSC(L.LightningModule):
             list(modalities) if modalities is not None else ["text", "image", "audio", "video"]
         )
         self.guard = NonFiniteGuard(nonfinite)
+        check_choice("model.optimizer", optimizer, OPTIMIZERS)
+        check_choice("model.lr_schedule", lr_schedule, LR_SCHEDULES)
         self.save_hyperparameters()
         self.modalities = modalities
         self.spec = TaskSpec.from_dict(task)
@@ -483,9 +491,13 @@ class MaCSC(L.LightningModule):
             self.hparams.weight_decay,
             self.hparams.adam_epsilon,
             self.hparams.modality_weight_lr_scale,
+            self.hparams.optimizer,
         )
         schedule = linear_schedule(
-            optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio
+            optimizer,
+            self.trainer.estimated_stepping_batches,
+            self.hparams.warmup_ratio,
+            self.hparams.lr_schedule,
         )
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

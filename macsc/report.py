@@ -5,8 +5,11 @@ A run fills the cells of the row whose id its ``config.yaml`` gives (:func:`macs
 or ``--name RUN=ROW``) in every table that has that row, in the columns of its task and
 ``data_fraction``, from its ``metrics-<split>.json``. Each cell reads ``ours / paper (ours -
 paper)`` in the paper's units (the scales are documented in ``macsc/paper_results.json``); a cell
-filled by several runs shows their mean and how many; ``–`` marks a cell no run filled. Under the
-tables: which runs filled which cells, and why the others filled none.
+filled by several runs with the same fine-tuning settings shows their mean and how many; one
+filled by runs whose settings differ (a baseline's grid, SPEC 10) shows the best dev score over
+the settings, marked ``†``, and a note under the table names the chosen point; ``–`` marks a
+cell no run filled. Under the tables: which runs filled which cells, and why the others filled
+none.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from .runs import (
     parse_names,
     row_id,
     task_key,
+    training_settings,
 )
 
 DASH = "–"
+GRID_MARK = "†"
 
 
 def paper_results() -> dict[str, Any]:
@@ -66,6 +71,7 @@ class Fill:
     column: str
     value: float
     source: str  # "metrics-validation.json (validate, step 630)"
+    settings: tuple[tuple[str, Any], ...] = ()  # the run's fine-tuning settings
 
 
 @dataclass
@@ -117,6 +123,7 @@ def match_run(
     metrics_task = next(iter(run.metrics.values())).get("task")
     task = task_key(run.config, metrics_task)
     fraction = data_fraction(run.config)
+    settings = training_settings(run.config)
     outcome = RunOutcome(run, identity)
     task_tables, row_tables, missing = [], [], []
     for table in tables:
@@ -139,7 +146,7 @@ def match_run(
             if isinstance(found, str):
                 missing.append(found)
                 continue
-            outcome.fills.append(Fill(table["table"], row["id"], column["id"], *found))
+            outcome.fills.append(Fill(table["table"], row["id"], column["id"], *found, settings))
     if not outcome.fills:
         outcome.reason = _why_unmatched(
             identity, task, fraction, task_tables, row_tables, missing, selected, tables
@@ -185,12 +192,69 @@ def _fmt_diff(value: float, decimals: int) -> str:
     return "+" + text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def table_markdown(table: dict[str, Any], fills: list[Fill]) -> str:
-    """One paper table with our values: each cell ``ours / paper (difference)``."""
-    by_cell: dict[tuple[str, str], list[float]] = {}
+@dataclass
+class Cell:
+    """Our value of one cell: the mean of ``runs`` runs with one setting. Where the cell's runs
+    were ``grid`` settings, ``choice`` names the one kept (``SST-2: lr 3e-05``: the column it
+    was chosen by and the settings in which the points differ)."""
+
+    value: float
+    runs: int
+    grid: int = 1
+    choice: str = ""
+
+
+def _format_setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _point_label(chosen: tuple, points: list[tuple]) -> str:
+    """The settings in which the points differ, at the chosen point: ``lr 3e-05, batch 4``."""
+    varying = [
+        index
+        for index, (_, value) in enumerate(chosen)
+        if any(p[index][1] != value for p in points)
+    ]
+    return ", ".join(f"{chosen[i][0]} {_format_setting(chosen[i][1])}" for i in varying)
+
+
+def table_cells(table: dict[str, Any], fills: list[Fill]) -> dict[tuple[str, str], Cell]:
+    """Our value of each (row, column) of ``table``. Runs with the same settings are repeats,
+    averaged. Where the runs of a row differ in their settings (a baseline's grid), the setting
+    with the best dev score fills the cells, chosen per task by its main column (F1 for SQuAD,
+    CIDEr for CommonGen: ``main`` in ``paper_results.json``) for all the task's columns, as
+    the baselines' papers chose their settings (SPEC 10)."""
+    values: dict[tuple[str, str], dict[tuple, list[float]]] = {}
     for fill in fills:
         if fill.table == table["table"]:
-            by_cell.setdefault((fill.row, fill.column), []).append(fill.value)
+            by_setting = values.setdefault((fill.row, fill.column), {})
+            by_setting.setdefault(fill.settings, []).append(fill.value)
+    tasks: dict[tuple[Any, float], list[dict[str, Any]]] = {}
+    for column in table["columns"]:
+        if "mean_of" not in column:
+            tasks.setdefault((column["task"], column.get("fraction", 1.0)), []).append(column)
+    cells: dict[tuple[str, str], Cell] = {}
+    for row in table["rows"]:
+        for columns in tasks.values():
+            filled = [c for c in columns if (row["id"], c["id"]) in values]
+            if not filled:
+                continue
+            judge = next((c for c in filled if c.get("main")), filled[0])
+            scores = values[(row["id"], judge["id"])]
+            best = max(scores, key=lambda point: sum(scores[point]) / len(scores[point]))
+            points = list(dict.fromkeys(p for c in filled for p in values[(row["id"], c["id"])]))
+            choice = f"{judge['label']}: {_point_label(best, points)}" if len(points) > 1 else ""
+            for column in filled:
+                kept = values[(row["id"], column["id"])].get(best)
+                if kept:
+                    cell = Cell(sum(kept) / len(kept), len(kept), len(points), choice)
+                    cells[(row["id"], column["id"])] = cell
+    return cells
+
+
+def table_markdown(table: dict[str, Any], fills: list[Fill]) -> str:
+    """One paper table with our values: each cell ``ours / paper (difference)``."""
+    cells = table_cells(table, fills)
     header = list(table["row_header"]) + [c["label"] for c in table["columns"]]
     lines = [
         f"## Table {table['table']}. {table['title']}",
@@ -201,36 +265,46 @@ def table_markdown(table: dict[str, Any], fills: list[Fill]) -> str:
     notes: dict[str, list[str]] = {}  # note -> the rows it is about, so a shared note prints once
     for row in table["rows"]:
         ours: dict[str, float] = {}
-        counts: dict[str, int] = {}
         for column in table["columns"]:
-            values = by_cell.get((row["id"], column["id"]))
-            if values:
-                ours[column["id"]] = sum(values) / len(values)
-                counts[column["id"]] = len(values)
+            cell = cells.get((row["id"], column["id"]))
+            if cell is not None:
+                ours[column["id"]] = cell.value
             elif "mean_of" in column and all(c in ours for c in column["mean_of"]):
                 ours[column["id"]] = sum(ours[c] for c in column["mean_of"]) / len(
                     column["mean_of"]
                 )
-        cells = []
+        texts = []
+        grids: dict[str, int] = {}  # the choice of each grid in this row -> its size
         for column in table["columns"]:
             decimals = column.get("decimals", 1)
             paper = row["values"].get(column["id"])
             paper_text = DASH if paper is None else _fmt(paper, decimals)
             if column["id"] not in ours:
-                cells.append(f"{DASH} / {paper_text}")
+                texts.append(f"{DASH} / {paper_text}")
                 continue
             value = ours[column["id"]]
             text = _fmt(value, decimals)
-            if counts.get(column["id"], 1) > 1:
-                text += f" ({counts[column['id']]} runs)"
+            cell = cells.get((row["id"], column["id"]))
+            if cell is not None and cell.grid > 1:
+                text += GRID_MARK
+                grids[cell.choice] = cell.grid
+            if cell is not None and cell.runs > 1:
+                text += f" ({cell.runs} runs)"
             text += f" / {paper_text}"
             if paper is not None:
                 text += f" ({_fmt_diff(value - paper, decimals)})"
-            cells.append(text)
-        lines.append("| " + " | ".join([*row["cells"], *cells]) + " |")
+            texts.append(text)
+        lines.append("| " + " | ".join([*row["cells"], *texts]) + " |")
         for key in ("baseline", "note"):
             if row.get(key):
                 notes.setdefault(row[key], []).append(" ".join(row["cells"]))
+        if grids:
+            sizes = " or ".join(map(str, sorted(set(grids.values()))))
+            note = (
+                f"{GRID_MARK} the best dev score of {sizes} fine-tuning settings, chosen per task "
+                f"as the baseline's paper chose its own (SPEC 10): {'; '.join(grids)}"
+            )
+            notes.setdefault(note, []).append(" ".join(row["cells"]))
     if notes:
         lines += ["", *(f"- {'; '.join(rows)}: {note}" for note, rows in notes.items())]
     return "\n".join(lines)

@@ -312,6 +312,38 @@ def _squad_version(value: Any) -> str:
     return {"1": "1.1", "2": "2.0"}.get(text, text)
 
 
+#: the fine-tuning settings a grid varies (SPEC 10: the baselines' papers chose among them on
+#: dev), by the name a report gives them, and where a resolved config keeps each
+TRAINING_SETTINGS = {
+    "lr": ("model", "learning_rate"),
+    "batch": ("data", "init_args", "batch_size"),
+    "devices": ("trainer", "devices"),
+    "nodes": ("trainer", "num_nodes"),
+    "accumulate": ("trainer", "accumulate_grad_batches"),
+    "epochs": ("trainer", "max_epochs"),
+    "steps": ("trainer", "max_steps"),
+    "weight decay": ("model", "weight_decay"),
+    "warm-up": ("model", "warmup_ratio"),
+    "adam epsilon": ("model", "adam_epsilon"),
+    "optimizer": ("model", "optimizer"),
+    "schedule": ("model", "lr_schedule"),
+}
+
+
+def training_settings(config: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The fine-tuning settings of a run, ``(name, value)`` in :data:`TRAINING_SETTINGS` order
+    (None where the config does not say): two runs of one cell that differ in them are two
+    points of a grid, two that do not are repeats."""
+    settings = []
+    for name, path in TRAINING_SETTINGS.items():
+        node: Any = config or {}
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        hashable = json.dumps(node, sort_keys=True) if isinstance(node, list | dict) else node
+        settings.append((name, hashable))
+    return tuple(settings)
+
+
 def data_fraction(config: dict[str, Any] | None) -> float:
     options = _section(config, "data").get("init_args")
     value = options.get("data_fraction", 1.0) if isinstance(options, dict) else 1.0

@@ -12,16 +12,24 @@ each column and the overlays (files of lightning_configs/). Runs land in
 runs/tables/<column>/<row>/version_0, so `macsc report runs/tables` fills the paper's tables; a
 finished run (its validate.done marker) is not run again, which also makes a row two tables share
 run once. A row whose config does not exist yet is skipped with "... is not available yet".
+
+A row with a ``grid`` (a baseline whose paper chose its fine-tuning settings on dev, SPEC 10) is
+one run per point of the grid, in runs/tables/<column>/<row>/<point>/version_0 (``lr=2e-5,bs=4``);
+`macsc report` keeps the best dev score of the points. Every run's resolved batch size, learning
+rate and length are printed beside its commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,22 +38,85 @@ CONFIGS = Path("lightning_configs")
 ROWS_FILE = Path(__file__).resolve().with_name("table_rows.yaml")
 DEFAULT_RUNS = "runs/tables"
 FIT_DONE, VALIDATE_DONE = "fit.done", "validate.done"
+#: how a grid point's folder name spells an option (others: the option's last component)
+SHORT_NAMES = {"model.learning_rate": "lr", "data.init_args.batch_size": "bs"}
 
 
 @dataclass
 class PlannedRun:
-    """One row of one table in one column. configs: paths relative to the repository root."""
+    """One row of one table in one column (one point of the row's grid, if it has one).
+    configs: paths relative to the repository root; point: option -> value, given on the
+    command line after the configs; index: the point's place in the grid of grid_size."""
 
     tables: list[int]
     row: str
     column: str
     configs: list[Path]
     skip: str | None = None
+    point: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    grid_size: int = 1
 
     @property
     def name(self) -> str:
-        """``<column>/<row>`` with the row id's slashes made underscores: the logger's name."""
-        return f"{self.column}/{self.row.replace('/', '_')}"
+        """``<column>/<row>[/<point>]`` with the row id's slashes made underscores: the
+        logger's name."""
+        name = f"{self.column}/{self.row.replace('/', '_')}"
+        return f"{name}/{self.point_label}" if self.point else name
+
+    @property
+    def point_label(self) -> str:
+        """``lr=2e-5,bs=4``: the grid point, as its folder is named."""
+        return ",".join(f"{short_name(k)}={format_value(v)}" for k, v in self.point.items())
+
+    @property
+    def label(self) -> str:
+        """``Table 1 <row> / <column>``, and which point of how many for a grid's run."""
+        where = f"Table {', '.join(map(str, self.tables))} {self.row} / {self.column}"
+        if self.grid_size > 1:
+            where += f" (grid point {self.index + 1} of {self.grid_size}: {self.point_label})"
+        return where
+
+
+def short_name(option: str) -> str:
+    return SHORT_NAMES.get(option, option.rsplit(".", 1)[-1])
+
+
+def format_value(value: Any) -> str:
+    """Numbers as written by hand: 2e-05 -> 2e-5, 0.0001 -> 1e-4, 0.06 -> 0.06, 16 -> 16."""
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def grid_points(row: dict) -> list[dict[str, Any]]:
+    """Every point of a row's ``grid`` ({option: [values]}), the first option varying slowest;
+    one empty point for a row without a grid."""
+    grid = row.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SystemExit(
+            f"run_table.py: error: row {row['row']}: grid should map options to non-empty lists "
+            "of values, e.g. grid: {model.learning_rate: [2.0e-5, 3.0e-5]}"
+        )
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def row_overlays(row: dict, base: str) -> list[str]:
+    """The row's overlays for a column with base config ``base``: an entry is a file, or a
+    mapping from base config to file where the overlay depends on it (BERT's SQuAD v1.1 and
+    v2.0 settings differ)."""
+    names = []
+    for entry in row.get("overlays", []):
+        if isinstance(entry, dict):
+            if base not in entry:
+                raise SystemExit(
+                    f"run_table.py: error: row {row['row']}: an overlay given per base config "
+                    f"names none for {base} (it names {', '.join(entry)}); add {base}: FILE"
+                )
+            entry = entry[base]
+        names.append(entry)
+    return names
 
 
 def load_rows(path: Path = ROWS_FILE) -> dict:
@@ -66,17 +137,13 @@ def parse_tables(value: str, known: list[int]) -> list[int]:
 
 
 def plan(spec: dict, tables: list[int], root: Path = ROOT) -> list[PlannedRun]:
-    """Every run of ``tables``, each (column, row) once, in table order."""
-    runs: dict[tuple[str, str], PlannedRun] = {}
+    """Every run of ``tables``, each (column, row, grid point) once, in table order."""
+    runs: dict[str, PlannedRun] = {}  # by name: <column>/<row>[/<point>]
     for number in tables:
         table = spec["tables"][number]
         for row in table["rows"]:
             columns = table["columns"] or [None]
             for column in columns:
-                key = (column or "-", row["row"])
-                if key in runs:
-                    runs[key].tables.append(number)
-                    continue
                 skip = row.get("skip")
                 configs: list[Path] = []
                 if column is not None:
@@ -84,14 +151,29 @@ def plan(spec: dict, tables: list[int], root: Path = ROOT) -> list[PlannedRun]:
                     names = [
                         setting["base"],
                         *setting.get("overlays", []),
-                        *row.get("overlays", []),
+                        *row_overlays(row, setting["base"]),
                     ]
                     configs = [CONFIGS / name for name in names]
                     missing = [str(c) for c in configs if not (root / c).is_file()]
                     if skip is None and missing:
                         kind = "base config" if missing[0] == str(configs[0]) else "overlay"
                         skip = f"{kind} {missing[0]} is not available yet"
-                runs[key] = PlannedRun([number], row["row"], column or "-", configs, skip)
+                points = [{}] if skip else grid_points(row)
+                for index, point in enumerate(points):
+                    run = PlannedRun(
+                        [number],
+                        row["row"],
+                        column or "-",
+                        configs,
+                        skip,
+                        point,
+                        index,
+                        len(points),
+                    )
+                    if run.name in runs:
+                        runs[run.name].tables.append(number)
+                    else:
+                        runs[run.name] = run
     return list(runs.values())
 
 
@@ -118,9 +200,15 @@ def log_dir(run: PlannedRun, runs_dir: str) -> str:
     return f"{run_root(run, runs_dir)}/version_0"
 
 
+def point_options(run: PlannedRun) -> list[str]:
+    """The grid point as command-line options (after the configs, so they win over them)."""
+    return [item for key, value in run.point.items() for item in (f"--{key}", format_value(value))]
+
+
 def commands(run: PlannedRun, runs_dir: str, extra: list[str], best: str) -> list[list[str]]:
     """[fit, validate] argument lists (without the ``macsc`` program)."""
     configs = [item for config in run.configs for item in ("--config", str(config))]
+    configs += point_options(run)
     where = log_options(run, runs_dir)
     return [
         ["fit", *configs, *where, *extra],
@@ -128,6 +216,103 @@ def commands(run: PlannedRun, runs_dir: str, extra: list[str], best: str) -> lis
     ]
 
 
+# ------------------------------------------------------------------- what a run trains with
+def merge(into: dict, overlay: dict) -> dict:
+    """``overlay`` merged into ``into`` as LightningCLI composes ``--config`` files: mappings
+    key by key, anything else replaced; a new ``class_path`` starts its ``init_args`` afresh."""
+    for key, value in overlay.items():
+        current = into.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(current, dict)
+            and value.get("class_path", current.get("class_path")) == current.get("class_path")
+        ):
+            merge(current, value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as jsonargparse reads it: 2e-5 is a number (YAML 1.1 says string)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def option_pairs(options: list[str]) -> list[tuple[str, str]]:
+    """(key, value) of the ``--key value`` and ``--key=value`` items of ``options``; a flag
+    without a value reads true."""
+    pairs = []
+    position = 0
+    while position < len(options):
+        item = options[position]
+        position += 1
+        if not item.startswith("--"):
+            continue
+        key, sep, value = item[2:].partition("=")
+        if not sep:
+            value = "true"
+            if position < len(options) and not options[position].startswith("--"):
+                value = options[position]
+                position += 1
+        pairs.append((key, value))
+    return pairs
+
+
+def resolved_config(run: PlannedRun, extra: list[str], root: Path = ROOT) -> dict:
+    """The run's configs merged, then its grid point and the options of ``extra`` (``--key
+    value``, ``--config FILE``) applied, in the order ``macsc`` applies them."""
+    config: dict = {}
+    for path in run.configs:
+        merge(config, yaml.safe_load((root / path).read_text(encoding="utf-8")) or {})
+    for key, value in option_pairs([*point_options(run), *extra]):
+        if key == "config":
+            path = Path(value) if Path(value).is_absolute() else root / value
+            merge(config, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+            continue
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = parse_value(value)
+    return config
+
+
+def settings_line(config: dict) -> str:
+    """What a run trains with: the batch per device and in all, the learning rate and its
+    schedule, weight decay and length."""
+    model = config.get("model") or {}
+    trainer = config.get("trainer") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    batch = data.get("batch_size")
+    devices = trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1)
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    text = f"batch {batch} per device"
+    if all(isinstance(v, int) for v in (batch, devices, nodes, accumulate)):
+        factors = [f"{devices} devices"]
+        factors += [f"{nodes} nodes"] if nodes != 1 else []
+        factors += [f"{accumulate} accumulated"] if accumulate != 1 else []
+        text += f" x {' x '.join(factors)} = {batch * devices * nodes * accumulate} in all"
+    else:
+        text += f" (devices: {devices})"
+    schedule = "constant" if model.get("lr_schedule") == "constant" else "linear decay"
+    warmup = model.get("warmup_ratio")
+    text += f", lr {format_value(model.get('learning_rate'))} ({model.get('optimizer', 'adamw')}"
+    text += f", warm-up {format_value(warmup)} then {schedule})" if warmup else f", {schedule})"
+    text += f", weight decay {format_value(model.get('weight_decay'))}"
+    text += f", {trainer.get('max_epochs')} epochs"
+    steps = trainer.get("max_steps")
+    return text + (f" or {steps} steps" if steps not in (None, -1) else "")
+
+
+# ---------------------------------------------------------------------------------- running
 def best_checkpoint(folder: Path) -> Path:
     """The best checkpoint ModelCheckpoint kept in ``folder/checkpoints`` (the one that is not
     last.ckpt; with several, the one last.ckpt records as best, else the newest), or last.ckpt."""
@@ -174,6 +359,24 @@ def skipped_lines(runs: list[PlannedRun]) -> list[str]:
     return lines
 
 
+def grid_lines(spec: dict, tables: list[int]) -> list[str]:
+    """One line per row with a grid: its options and values, and how the report reads it."""
+    lines = []
+    for number in tables:
+        for row in spec["tables"][number]["rows"]:
+            if row.get("grid") and not row.get("skip"):
+                options = "; ".join(
+                    f"{key} {', '.join(map(format_value, values))}"
+                    for key, values in row["grid"].items()
+                )
+                size = len(grid_points(row))
+                lines.append(
+                    f"grid of Table {number} {row['row']}: {options} ({size} runs a column; "
+                    "macsc report keeps the best dev score, as the baseline's paper did)"
+                )
+    return lines
+
+
 def print_plan(
     runs: list[PlannedRun], spec: dict, tables: list[int], runs_dir: str, extra: list[str]
 ) -> None:
@@ -183,14 +386,16 @@ def print_plan(
     print(f"# from {ROOT}")
     for line in skipped_lines(runs):
         print(f"# {line}")
+    for line in grid_lines(spec, tables):
+        print(f"# {line}")
     for run in runs:
         if run.skip:
             continue
-        label = f"Table {', '.join(map(str, run.tables))} {run.row} / {run.column}"
         fit, validate = commands(
             run, runs_dir, extra, f"<best checkpoint in {log_dir(run, runs_dir)}/checkpoints>"
         )
-        print(f"# {label}")
+        print(f"# {run.label}")
+        print(f"# settings: {settings_line(resolved_config(run, extra))}")
         print(show(fit))
         print(show(validate))
     ready = [r for r in runs if not r.skip]
@@ -205,7 +410,7 @@ def execute(runs: list[PlannedRun], runs_dir: str, extra: list[str], force: bool
     for line in skipped_lines(runs):
         print(line, flush=True)
     for run in runs:
-        label = f"{run.row} / {run.column}"
+        label = f"{run.row} / {run.column}" + (f" {run.point_label}" if run.point else "")
         if run.skip:
             continue
         root = ROOT / run_root(run, runs_dir)
@@ -214,6 +419,7 @@ def execute(runs: list[PlannedRun], runs_dir: str, extra: list[str], force: bool
             continue
         fit, validate = commands(run, runs_dir, extra, "BEST")
         if force or not (root / FIT_DONE).exists():
+            print(f"# {run.label}: {settings_line(resolved_config(run, extra))}", flush=True)
             print(f"$ {show(fit)}", flush=True)
             if subprocess.run(macsc + fit, cwd=ROOT).returncode != 0:
                 failed.append(label)
@@ -271,8 +477,10 @@ def sbatch_script(
     ]
     for index, run in enumerate(ready):
         fit, validate = commands(run, runs_dir, extra, "")
+        point = f" {run.point_label}" if run.point else ""
         lines += [
-            f"  {index})  # Table {', '.join(map(str, run.tables))}: {run.row} / {run.column}",
+            f"  {index})  # Table {', '.join(map(str, run.tables))}: {run.row} / {run.column}{point}",
+            f"    # {settings_line(resolved_config(run, extra))}",
             f"    ROOT_DIR={shlex.quote(run_root(run, runs_dir))}",
             f"    FIT=({shlex.join(fit)})",
             f"    VALIDATE=({shlex.join(validate[:-2])})",

@@ -1,7 +1,8 @@
-"""The baseline and source rows scripts/run_table.py launches (the +Image rows of Tables 2-3,
-the MC-PTM rows of Table 4, the prototype sources of Tables 5-6) compose from their configs,
-and each resolved config names the row it is launched for, so `macsc report` files it in its
-cell; modalities that share one frozen prototype source share its weights."""
+"""The baseline and source rows scripts/run_table.py launches (the +None rows with their own
+papers' settings, the +Image rows of Tables 2-3, the MC-PTM rows of Table 4, the prototype
+sources of Tables 5-6) compose from their configs, and each resolved config names the row it is
+launched for, so `macsc report` files it in its cell; the +None rows train with their papers'
+settings; modalities that share one frozen prototype source share its weights."""
 
 from pathlib import Path
 
@@ -14,12 +15,43 @@ from macsc.runs import row_id
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "scripts" / "table_rows.yaml").read_text())
-ROW_OVERLAYS = ("tables/", "ablations/gaussian_prototypes", "ablations/trainable_extractors")
+ROW_OVERLAYS = (
+    "baselines/",
+    "tables/",
+    "ablations/gaussian_prototypes",
+    "ablations/trainable_extractors",
+)
+
+
+def overlays(row: dict, base: str) -> list[str]:
+    """A row's overlays with its base config's: an entry may map base configs to files."""
+    return [entry[base] if isinstance(entry, dict) else entry for entry in row.get("overlays", [])]
+
+
+#: (row, column) -> overlays: each row's first column, and one column of every other base config
+#: where the row's overlays depend on it
 RUNS = {
-    (row["row"], table["columns"][0]): row["overlays"]
+    (row["row"], column): overlays(row, SPEC["columns"][column]["base"])
     for table in SPEC["tables"].values()
     for row in table["rows"]
-    if any(name.startswith(ROW_OVERLAYS) for name in row.get("overlays", []))
+    for column in {
+        SPEC["columns"][c]["base"]: c
+        for c in reversed(table["columns"])
+        if c == table["columns"][0] or any(isinstance(e, dict) for e in row.get("overlays", []))
+    }.values()
+    if any(name.startswith(ROW_OVERLAYS) for name in overlays(row, SPEC["columns"][column]["base"]))
+}
+#: each baseline's own fine-tuning settings (SPEC 10) as its paper gives them: the batch in all
+#: (the papers' sizes are totals), the learning rate (of a grid, the point the overlay holds),
+#: epochs, weight decay, warm-up ratio, Adam epsilon (None: Adafactor has none)
+PAPER_SETTINGS = {
+    "baselines/glue/bert_base.yaml": (32, 2e-5, 3, 0.01, 0.1, 1e-6),  # Devlin et al. §4.1
+    "baselines/squad/bert_base_v1.yaml": (32, 5e-5, 3, 0.01, 0.1, 1e-6),  # §4.2
+    "baselines/squad/bert_base_v2.yaml": (48, 5e-5, 2, 0.01, 0.1, 1e-6),  # §4.3
+    "baselines/glue/roberta_base.yaml": (32, 2e-5, 10, 0.1, 0.06, 1e-6),  # Liu et al. Table 10
+    "baselines/squad/roberta_base.yaml": (48, 1.5e-5, 2, 0.01, 0.06, 1e-6),  # Table 10, SQuAD
+    "baselines/squad/xlnet_large.yaml": (48, 3e-5, 3, 0.0, 0.125, 1e-6),  # Yang et al., SQuAD
+    "baselines/commongen/t5_3b.yaml": (128, 1e-3, 3, 0.0, 0.0, None),  # Raffel et al. §3.1.2
 }
 
 
@@ -35,6 +67,23 @@ def test_each_row_composes_and_its_config_names_the_row(row, column, capsys):
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert row_id(config) == row
+    baseline = next((name for name in names if name.startswith("baselines/")), None)
+    if baseline is None:
+        return
+    model, trainer = config["model"], config["trainer"]
+    total = config["data"]["init_args"]["batch_size"] * trainer["devices"]
+    adam_epsilon = model["adam_epsilon"] if model["optimizer"] == "adamw" else None
+    resolved = (total, model["learning_rate"], trainer["max_epochs"], model["weight_decay"])
+    assert (*resolved, model["warmup_ratio"], adam_epsilon) == PAPER_SETTINGS[baseline]
+    if row.startswith("t5-3b"):
+        assert (model["optimizer"], model["lr_schedule"]) == ("adafactor", "constant")
+
+
+def test_every_baseline_overlay_is_launched():
+    folder = ROOT / "lightning_configs"
+    shipped = {str(p.relative_to(folder)) for p in (folder / "baselines").rglob("*.yaml")}
+    launched = {name for names in RUNS.values() for name in names}
+    assert shipped == set(PAPER_SETTINGS) and shipped <= launched
 
 
 def test_modalities_with_the_same_frozen_source_share_one_copy(tiny_backbone):
