@@ -106,7 +106,7 @@ def data_module(files: dict[str, str], cache: Path, **options: Any):
 
 def build_model(variant: str, seed: int = 0, backbone: str = BACKBONE):
     """A fresh model of ``variant`` (``macsc`` or ``text``), in training mode."""
-    from macsc.model import MaCSC
+    from macsc.training.module import MaCSC
 
     torch.manual_seed(seed)
     return MaCSC(backbone=backbone, task=TASK, **VARIANTS[variant])

@@ -3,7 +3,7 @@ beam search (issue 10's GPU check): step time, peak memory per GPU, a finite los
 
 The model is T5-large-shaped (d_model 1024, 24+24 layers, 16 heads, d_ff 2816 as in t5-v1_1-large;
 about 780M parameters) with random weights from a config (no download) and the MiniLM tokenizer;
-T+I+A+V Gaussian prototypes of the paper's widths; ``macsc.strategies.BlockFSDPStrategy`` wraps
+T+I+A+V Gaussian prototypes of the paper's widths; ``macsc.training.strategies.BlockFSDPStrategy`` wraps
 each ``T5Block`` and checkpoints its activations, as ``lightning_configs/commongen.yaml`` does.
 On one GPU FSDP shards nothing, but the wrapping, the mixed precision and the step are the real
 ones; with several GPUs the shards and the memory per GPU are too.
@@ -83,8 +83,8 @@ def main() -> int:
     import lightning as L
     from transformers import AutoTokenizer
 
-    from macsc.model import MaCSC
-    from macsc.strategies import BlockFSDPStrategy
+    from macsc.training.module import MaCSC
+    from macsc.training.strategies import BlockFSDPStrategy
 
     folder = Path(tempfile.mkdtemp(prefix="t5_"))
     backbone = write_t5(folder, args.tiny)

@@ -6,7 +6,7 @@ from a ``T5Config``. No T5 weights or tokenizer can be downloaded here, so the t
 tokenised with MiniLM's uncased WordPiece (its ids, all below 30,522, lie in T5's vocabulary;
 decoding starts from id 0, ``[PAD]``). What a step costs depends on the shapes, not the weights.
 
-The two models (same backbone, same generation head, :mod:`macsc.heads.generation`):
+The two models (same backbone, same generation head, :mod:`macsc.method.heads.generation`):
 
 - ``macsc``: T+I+A+V, prototypes of the paper's shapes (Gaussian, ``k = 8``, widths 512, 1024
   and 512 as CLIP, AudioCLIP and CLIP-ViP give), 8 enhancer heads; the decoder cross-attends to
@@ -172,7 +172,7 @@ def prepare_batches(
 
 def build_model(variant: str, backbone: str, seed: int = 0):
     """A fresh model of ``variant`` (``macsc`` or ``text``) on ``backbone``, in training mode."""
-    from macsc.model import MaCSC
+    from macsc.training.module import MaCSC
 
     torch.manual_seed(seed)
     return MaCSC(

@@ -23,7 +23,7 @@ out=() fsdp_out=()
 if [[ -n "${OUT:-}" ]]; then out=(--out "$OUT/gpu.json"); fsdp_out=(--out "$OUT/fsdp_t5.json"); fi
 status=0
 timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or pinned or auto_stores" \
-    tests/test_prototype_storage.py tests/test_probes.py || status=1
+    tests/prototypes/test_storage.py tests/analysis/test_probes.py || status=1
 timeout 240 "$PYTHON" benchmarks/gpu_step.py "${out[@]}" "$@" || status=1
 timeout 240 "$PYTHON" benchmarks/gpu_step.py --bert --no-compile --rounds 3 || status=1
 timeout 180 "$PYTHON" benchmarks/fsdp_t5.py "${fsdp_out[@]}" || status=1

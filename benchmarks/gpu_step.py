@@ -98,7 +98,7 @@ class Runner:
     """One model, its optimizer and its (optionally compiled) step."""
 
     def __init__(self, variant: str, backbone: str, device: str) -> None:
-        from macsc.model import MaCSC
+        from macsc.training.module import MaCSC
 
         torch.manual_seed(0)
         self.model = MaCSC(backbone=backbone, task=TASK, **VARIANTS[variant]).to(device).train()

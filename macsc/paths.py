@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError, first_line
+from macsc.errors import ConfigError, DataError, first_line
 
 PACKAGE_PREFIX = "package:"
 

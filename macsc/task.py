@@ -13,7 +13,7 @@ from typing import Any
 
 @dataclass
 class TaskSpec:
-    """kind: the task kind, which selects the model's head (:mod:`macsc.heads`):
+    """kind: the task kind, which selects the model's head (:mod:`macsc.method.heads`):
         ``classification`` | ``regression`` | ``span`` | ``generation`` (a sentence from a
         decoder; ``labels`` are target token ids), or a kind a new head registers.
     num_labels: classes (classification), 1 (regression), 2 (span: start and end), 1

@@ -41,41 +41,43 @@ class Part:
     tests: tuple[str, ...]
 
 
-MATH = "tests/test_math.py"
-EDGES = "tests/test_allocation_edges.py"
-CALIBRATION = "tests/test_calibration_reference.py"
-CALIBRATION_MODULE = "tests/test_calibration_module.py"
-ENHANCER = "tests/test_enhancement_eq2.py"
-ENHANCER_MODES = "tests/test_enhancer_modes.py"
-OBJECTIVE = "tests/test_objective.py"
-WIRING = "tests/test_objective_wiring.py"
-MODEL = "tests/test_model.py"
-POOLED = "tests/test_pooled_heads_evaluation.py"
-SPAN = "tests/test_span_head.py"
-POSTPROCESS = "tests/test_squad_postprocess.py"
-FEATURES = "tests/test_squad_features.py"
-SQUAD_EVAL = "tests/test_squad_eval.py"
-SQUAD_EDGES = "tests/test_squad_edges.py"
-SELECTION = "tests/test_prototypes_selection.py"
-CACHE_KEY = "tests/test_cache_key_options.py"
+MATH = "tests/method/test_math.py"
+EDGES = "tests/method/test_allocation_edges.py"
+CALIBRATION = "tests/method/test_calibration_reference.py"
+CALIBRATION_MODULE = "tests/method/test_calibration_module.py"
+ENHANCER = "tests/method/test_enhancement_eq2.py"
+ENHANCER_MODES = "tests/method/test_enhancer_modes.py"
+OBJECTIVE = "tests/method/test_objective.py"
+WIRING = "tests/method/test_objective_wiring.py"
+MODEL = "tests/training/test_module.py"
+POOLED = "tests/method/test_pooled_heads.py"
+SPAN = "tests/method/test_span_head.py"
+POSTPROCESS = "tests/squad/test_postprocess.py"
+FEATURES = "tests/squad/test_features.py"
+SQUAD_EVAL = "tests/squad/test_metric.py"
+SQUAD_EDGES = "tests/squad/test_edges.py"
+SELECTION = "tests/prototypes/test_selection.py"
+CACHE_KEY = "tests/prototypes/test_cache_key_options.py"
 
 MODEL_LEVEL = (OBJECTIVE, WIRING, MODEL)
 HEADS = (*MODEL_LEVEL, POOLED, SPAN, SQUAD_EDGES)
 IDENTITY = Part(("xǁ*ǁidentity",), (CACHE_KEY,))
 SCOPE: dict[str, Part] = {
-    "macsc/allocation.py": Part(("*",), (MATH, EDGES, CALIBRATION, *MODEL_LEVEL, POOLED)),
-    "macsc/losses.py": Part(("*",), (MATH, EDGES, CALIBRATION, *HEADS)),
-    "macsc/calibration.py": Part(("*",), (MATH, CALIBRATION, CALIBRATION_MODULE, *MODEL_LEVEL)),
-    "macsc/fusion.py": Part(("*",), (ENHANCER, ENHANCER_MODES, *MODEL_LEVEL)),
-    "macsc/objective.py": Part(("*",), MODEL_LEVEL),
-    "macsc/network.py": Part(("xǁBranchRepresentationsǁ*",), (*MODEL_LEVEL, SQUAD_EDGES)),
-    "macsc/heads/base.py": Part(("*",), HEADS),
-    "macsc/heads/classification.py": Part(("*",), HEADS),
-    "macsc/heads/span.py": Part(("*",), HEADS),
-    "macsc/heads/records.py": Part(("*",), HEADS),
-    "macsc/qa.py": Part(("*",), (POSTPROCESS, FEATURES, SPAN, SQUAD_EDGES)),
+    "macsc/method/allocation.py": Part(("*",), (MATH, EDGES, CALIBRATION, *MODEL_LEVEL, POOLED)),
+    "macsc/method/losses.py": Part(("*",), (MATH, EDGES, CALIBRATION, *HEADS)),
+    "macsc/method/calibration.py": Part(
+        ("*",), (MATH, CALIBRATION, CALIBRATION_MODULE, *MODEL_LEVEL)
+    ),
+    "macsc/method/fusion.py": Part(("*",), (ENHANCER, ENHANCER_MODES, *MODEL_LEVEL)),
+    "macsc/method/objective.py": Part(("*",), MODEL_LEVEL),
+    "macsc/method/network.py": Part(("xǁBranchRepresentationsǁ*",), (*MODEL_LEVEL, SQUAD_EDGES)),
+    "macsc/method/heads/base.py": Part(("*",), HEADS),
+    "macsc/method/heads/classification.py": Part(("*",), HEADS),
+    "macsc/method/heads/span.py": Part(("*",), HEADS),
+    "macsc/method/heads/records.py": Part(("*",), HEADS),
+    "macsc/squad/features.py": Part(("*",), (POSTPROCESS, FEATURES, SPAN, SQUAD_EDGES)),
     # the scoring, not the command line, the reading of files or the plots around it
-    "macsc/squad_eval.py": Part(
+    "macsc/squad/metric.py": Part(
         tuple(
             f"x_{name}"
             for name in (
@@ -104,7 +106,8 @@ SCOPE: dict[str, Part] = {
     "macsc/prototypes/windowed.py": Part(("*",), (SELECTION, CACHE_KEY)),
     # the cache key and what goes into it, not the storage around it
     "macsc/prototypes/cache.py": Part(
-        ("x_cache_key", "x_index_texts", "x_storage_dtype"), (CACHE_KEY, "tests/test_cache.py")
+        ("x_cache_key", "x_index_texts", "x_storage_dtype"),
+        (CACHE_KEY, "tests/prototypes/test_cache.py"),
     ),
     "macsc/prototypes/base.py": Part(
         ("xǁ*ǁidentity", "x_build_extractor", "x__options_of"), (CACHE_KEY, SELECTION)

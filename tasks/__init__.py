@@ -1,9 +1,9 @@
 """Data modules, one per task family; each declares its TaskSpec and yields MaCSC batches."""
 
-from .base import MaCSCDataModule, TextSplit
-from .commongen import CommonGenDataModule
-from .demo import DemoDataModule
-from .glue import GLUE_TASKS, GLUEDataModule, TableDataModule, TableFormat
+from tasks.base import MaCSCDataModule, TextSplit
+from tasks.commongen import CommonGenDataModule
+from tasks.demo import DemoDataModule
+from tasks.glue import GLUE_TASKS, GLUEDataModule, TableDataModule, TableFormat
 
 __all__ = [
     "CommonGenDataModule",

@@ -46,10 +46,9 @@ from macsc.prototypes import (
     prototype_table,
 )
 from macsc.task import TaskSpec
-
-from .collate import Collator
-from .labels import has_classes, label_classes
-from .sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
+from tasks.collate import Collator
+from tasks.labels import has_classes, label_classes
+from tasks.sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
 
 ROLES = ("train", "validation", "test")
 

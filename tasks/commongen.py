@@ -4,7 +4,7 @@ out (SPEC 6; paper Table 3).
 The encoder input is the concept set joined by spaces in the dataset's order, after an optional
 ``prefix``; prototypes are extracted from the concept string (without the prefix), the single
 segment, so the base class's prototype tables work unchanged. Sources are read by
-:mod:`macsc.commongen_data` (hub, JSON Lines, the original release files).
+:mod:`macsc.commongen.data` (hub, JSON Lines, the original release files).
 
 Training iterates over every (concept set, reference) pair; evaluation (validation, test,
 predict) over the distinct concept sets, each with all its references
@@ -16,7 +16,7 @@ predict) over the distinct concept sets, each with all its references
   ``max_target_length``), padded with -100 (ignored by the cross-entropy) to the batch's longest.
 
 An evaluation batch has no ``labels``; its ``example_index`` is the concept set's position in
-:class:`~macsc.commongen_eval.GenerationEvaluationData`. No ``token_type_ids`` (T5 has none).
+:class:`~macsc.commongen.metric.GenerationEvaluationData`. No ``token_type_ids`` (T5 has none).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macsc.commongen_data import (
+from macsc.commongen.data import (
     HUB_NAME,
     ConceptExample,
     concept_text,
@@ -34,12 +34,11 @@ from macsc.commongen_data import (
     load_hub,
     read_examples,
 )
-from macsc.commongen_eval import METRICS, GenerationEvaluationData, spice_available
+from macsc.commongen.metric import METRICS, GenerationEvaluationData, spice_available
 from macsc.errors import ConfigError, DataError
 from macsc.task import TaskSpec
-
-from .base import EncodedSplit, MaCSCDataModule, TextSplit
-from .collate import Collator, pad
+from tasks.base import EncodedSplit, MaCSCDataModule, TextSplit
+from tasks.collate import Collator, pad
 
 SPLITS = ("train", "validation", "test")
 LABEL_PAD = -100  # the index torch's cross-entropy ignores

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .glue import TableDataModule, TableFormat
+from tasks.glue import TableDataModule, TableFormat
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 DEMO_FORMAT = TableFormat("demo", (("sentence",),), label_names=("cool", "warm"))

@@ -20,8 +20,7 @@ from typing import Any
 from macsc.errors import ConfigError, DataError
 from macsc.paths import load_hub_dataset
 from macsc.task import TaskSpec
-
-from .base import MaCSCDataModule, TextSplit
+from tasks.base import MaCSCDataModule, TextSplit
 
 # One (where, row) pair per example: ``where`` names the line or row in error messages.
 Rows = Iterable[tuple[str, dict[str, Any]]]

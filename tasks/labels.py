@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from macsc.allocation import nearest_bin
+from macsc.method.allocation import nearest_bin
 from macsc.task import TaskSpec
 
 

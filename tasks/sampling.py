@@ -87,7 +87,7 @@ class ResumableDataLoader(DataLoader):
 
     Lightning saves :meth:`state_dict` (the epoch, the batches handed out in it, and how many
     batches an epoch has) in every checkpoint and calls :meth:`load_state_dict` before the first
-    batch of a resumed fit (``macsc.run_state.RunState`` makes sure it does); the next epoch
+    batch of a resumed fit (``macsc.training.resume.RunState`` makes sure it does); the next epoch
     started in the saved epoch then skips those batches, in the sampler (no skipped batch is
     loaded). Needs a :class:`ResumableSampler` to resume; with any other sampler it is a plain
     DataLoader.

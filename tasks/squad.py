@@ -4,7 +4,7 @@ start/end positions as targets, prototypes of the question and of the context (S
 One *example* is a question with its context; one *feature* is a window of ``max_length`` tokens
 over that context (consecutive windows share ``doc_stride`` tokens). Training and evaluation
 iterate over features; post-processing gathers each question's windows back into one answer
-(:mod:`macsc.qa`). Besides the base batch fields (:mod:`tasks.base`, ``example_index`` there is
+(:mod:`macsc.squad.features`). Besides the base batch fields (:mod:`tasks.base`, ``example_index`` there is
 the feature's question), a batch holds:
 
 - ``start_positions``, ``end_positions`` ``(B,)`` long: the first gold answer's first and last
@@ -12,7 +12,7 @@ the feature's question), a batch holds:
   wholly inside this window;
 - ``null_index`` ``(B,)``: where the window scores "no answer", the backbone's CLS position, or
   the final EOT of a causal text tower, whose start token sees nothing of the input (SPEC 13;
-  :func:`macsc.qa.null_position`); ``feature_index`` ``(B,)``: the feature's position in its
+  :func:`macsc.squad.features.null_position`); ``feature_index`` ``(B,)``: the feature's position in its
   split (the post-processing reads its offsets and question through it);
 - ``context_start``, ``context_end`` ``(B,)``: the window's context tokens are
   ``[context_start, context_end)``;
@@ -33,13 +33,12 @@ import numpy as np
 import torch
 
 from macsc.errors import ConfigError, DataError
-from macsc.heads import SpanEvaluationData
-from macsc.qa import prepare_squad_features
+from macsc.method.heads import SpanEvaluationData
+from macsc.squad.features import prepare_squad_features
 from macsc.task import TaskSpec
-
-from .base import EncodedSplit, MaCSCDataModule, TextSplit
-from .collate import Collator
-from .squad_data import HUB_NAMES, load_squad
+from tasks.base import EncodedSplit, MaCSCDataModule, TextSplit
+from tasks.collate import Collator
+from tasks.squad_data import HUB_NAMES, load_squad
 
 VERSIONS = {"1.1": "squad", "2.0": "squad_v2"}  # version -> its hub dataset
 _SHOWN_IDS = 5
@@ -124,7 +123,7 @@ class SquadDataModule(MaCSCDataModule):
         max_length: tokens per window, special tokens included.
         doc_stride: tokens shared by consecutive windows.
         max_question_length: longer questions are cut to leave room for the context.
-        n_best, max_answer_length: post-processing (see :func:`macsc.qa.span_candidates`).
+        n_best, max_answer_length: post-processing (see :func:`macsc.squad.features.span_candidates`).
         pad_to_max_length: pad every batch to ``max_length`` (a fixed width; not needed for
             the model's ``gather_across_devices``, which pads the gathered spans itself).
         null_threshold: v2, ``macsc predict`` only: answer "no answer" where the null score
@@ -134,7 +133,7 @@ class SquadDataModule(MaCSCDataModule):
             question are kept), chosen by :func:`tasks.base.fraction_indices` among the questions
             left after the answer-offset check of :func:`tasks.squad_data.load_squad`.
         The other options are :class:`~tasks.base.MaCSCDataModule`'s; the validation and test
-        splits are scored with the official SQuAD definitions (``macsc.heads.SpanHead``).
+        splits are scored with the official SQuAD definitions (``macsc.method.heads.SpanHead``).
     """
 
     def __init__(

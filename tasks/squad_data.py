@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from macsc.errors import ConfigError, DataError
-from macsc.squad_eval import iter_squad_questions, read_json
-
-from .base import fraction_indices
+from macsc.squad.files import iter_squad_questions, read_json
+from tasks.base import fraction_indices
 
 log = logging.getLogger(__name__)
 

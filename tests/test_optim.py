@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from macsc.errors import ConfigError
-from macsc.model import MaCSC
+from macsc.training.module import MaCSC
 
 TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
 

@@ -6,9 +6,9 @@ Kinds for :func:`build_extractor`: ``open_clip`` (image), ``audioclip`` (audio),
 package is cheap: open_clip and transformers load only when such an extractor is built.
 """
 
-from . import audioclip, clip_vip, hf_source, image_features, open_clip_source  # noqa: F401
-from .audioclip import AudioClipExtractor
-from .base import (
+from macsc.prototypes import audioclip, clip_vip, hf_source, image_features, open_clip_source  # noqa: F401
+from macsc.prototypes.audioclip import AudioClipExtractor
+from macsc.prototypes.base import (
     GaussianExtractor,
     PrototypeExtractor,
     Prototypes,
@@ -17,7 +17,7 @@ from .base import (
     extractor_options,
     register_extractor,
 )
-from .cache import (
+from macsc.prototypes.cache import (
     CacheFileCheck,
     IndexedTexts,
     PrototypeTable,
@@ -30,18 +30,18 @@ from .cache import (
     sampled_ranges,
     verify_cache_file,
 )
-from .clip_text import ClipTextExtractor
-from .clip_vip import ClipVipExtractor
-from .hf_source import HuggingFaceExtractor
-from .image_features import (
+from macsc.prototypes.clip_text import ClipTextExtractor
+from macsc.prototypes.clip_vip import ClipVipExtractor
+from macsc.prototypes.hf_source import HuggingFaceExtractor
+from macsc.prototypes.image_features import (
     ImageFeatures,
     ImageFeatureSource,
     read_image_features,
     write_image_features,
 )
-from .open_clip_source import OpenClipExtractor
-from .selection import select_top_k
-from .windowed import TokenPrototypeExtractor
+from macsc.prototypes.open_clip_source import OpenClipExtractor
+from macsc.prototypes.selection import select_top_k
+from macsc.prototypes.windowed import TokenPrototypeExtractor
 
 __all__ = [
     "AudioClipExtractor",

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
-from .base import register_extractor
-from .checkpoints import (
+from macsc.errors import ConfigError
+from macsc.prototypes.base import register_extractor
+from macsc.prototypes.clip_text import ClipTextExtractor, OpenClipTextTower, clip_tokenizer
+from macsc.prototypes.published_weights import (
     block_count,
     checkpoint_path,
     file_digest,
@@ -22,7 +23,6 @@ from .checkpoints import (
     load_strict,
     require_keys,
 )
-from .clip_text import ClipTextExtractor, OpenClipTextTower, clip_tokenizer
 
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
 _OTHER_PREFIXES = ("visual.", "audio.", "logit_scale")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from macsc.errors import ConfigError
 
 
 @dataclass

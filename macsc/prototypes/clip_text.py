@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .selection import build_windows
-from .windowed import TokenPrototypeExtractor
+from macsc.errors import ConfigError
+from macsc.prototypes.selection import build_windows
+from macsc.prototypes.windowed import TokenPrototypeExtractor
 
 
 def eot_row_attention(query: Tensor, keys: Tensor, eos: Tensor, scale: float) -> Tensor:

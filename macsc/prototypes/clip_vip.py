@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from .base import register_extractor
-from .checkpoints import (
+from macsc.errors import ConfigError
+from macsc.prototypes.base import register_extractor
+from macsc.prototypes.clip_text import ClipTextExtractor, HFClipTextTower, clip_tokenizer
+from macsc.prototypes.published_weights import (
     block_count,
     checkpoint_path,
     file_digest,
@@ -25,7 +26,6 @@ from .checkpoints import (
     load_strict,
     require_keys,
 )
-from .clip_text import ClipTextExtractor, HFClipTextTower, clip_tokenizer
 
 _TEXT = "clipmodel.text_model."
 _PROJECTION = "clipmodel.text_projection.weight"

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
-from .base import register_extractor
-from .checkpoints import file_digest
-from .windowed import TokenPrototypeExtractor
+from macsc.errors import CheckpointError, ConfigError
+from macsc.prototypes.base import register_extractor
+from macsc.prototypes.published_weights import file_digest
+from macsc.prototypes.windowed import TokenPrototypeExtractor
 
 _PROBE = "prototype probe"
 
@@ -42,7 +42,7 @@ class HuggingFaceExtractor(TokenPrototypeExtractor):
         )
         from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
 
-        from ..paths import resolve_pretrained
+        from macsc.paths import resolve_pretrained
 
         location = resolve_pretrained(model_name)  # hub name, folder, or package:<module>
         try:

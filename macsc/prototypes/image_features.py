@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
-from .base import PrototypeExtractor, Prototypes, register_extractor
-from .cache import PrototypeTable
+from macsc.errors import ConfigError, DataError
+from macsc.prototypes.base import PrototypeExtractor, Prototypes, register_extractor
+from macsc.prototypes.cache import PrototypeTable
 
 FEATURES_FILE, IDS_FILE, MASK_FILE = "features.npy", "ids.json", "mask.npy"
 _STORED_DTYPES = (np.float16, np.float32)

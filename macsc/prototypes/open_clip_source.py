@@ -12,10 +12,15 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
-from .base import register_extractor
-from .checkpoints import checkpoint_path, file_digest, load_state_dict_file, load_strict
-from .clip_text import ClipTextExtractor, OpenClipTextTower
+from macsc.errors import CheckpointError, ConfigError
+from macsc.prototypes.base import register_extractor
+from macsc.prototypes.clip_text import ClipTextExtractor, OpenClipTextTower
+from macsc.prototypes.published_weights import (
+    checkpoint_path,
+    file_digest,
+    load_state_dict_file,
+    load_strict,
+)
 
 # Entries of a full open_clip / OpenAI CLIP state dict that do not belong to the text tower
 # (OpenAI's TorchScript files also store three sizes as tensors).

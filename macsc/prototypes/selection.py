@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from macsc.errors import ConfigError
 
 
 def attention_layer_indices(option: str | int | Sequence[int], num_layers: int) -> list[int]:

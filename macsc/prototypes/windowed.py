@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import PrototypeExtractor, Prototypes
-from .selection import attention_layer_indices, build_windows, per_text_view, select_top_k
+from macsc.errors import ConfigError
+from macsc.prototypes.base import PrototypeExtractor, Prototypes
+from macsc.prototypes.selection import (
+    attention_layer_indices,
+    build_windows,
+    per_text_view,
+    select_top_k,
+)
 
 # Bump when the selection or pooling logic changes, so old cache entries stop matching.
 ALGORITHM_VERSION = 1

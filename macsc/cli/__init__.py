@@ -1,0 +1,5 @@
+"""The ``macsc`` command: the dispatcher, the LightningCLI, and one module per subcommand."""
+
+from macsc.cli.dispatch import main
+
+__all__ = ["main"]

@@ -1,0 +1,240 @@
+"""``macsc fit|validate|test|predict``: the LightningCLI over :class:`macsc.training.MaCSC` and
+any data module of :mod:`tasks`, with one-line errors for a bad option or config key.
+
+Importing this module imports Lightning (~7 s): the dispatcher imports it only for these
+subcommands, so ``macsc --help`` and the other subcommands stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+
+def option_error(message: str, parser) -> str:
+    """The argument parser's ``message`` as one line, with the closest valid option when it
+    is about an unknown one (instead of a 60-line usage dump)."""
+    import difflib
+    import re
+
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    known = {
+        option.lstrip("-")
+        for action in getattr(parser, "_actions", [])
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    inner = re.search(r"Option '([\w.\-]+)' is not accepted", message)
+    outer = re.match(r'Parser key "([\w.\-]+)"', first)
+    if inner and outer:  # a subclass's init argument (data.init_args.batch_sise)
+        key = f"{outer.group(1)}.init_args.{inner.group(1)}"
+        known = {f"{outer.group(1)}.init_args.{name}" for name in data_module_options()}
+    else:
+        unknown = re.search(r"accept option '-{0,2}([\w.\-]+)'", first) or re.search(
+            r"unrecognized arguments: -{0,2}([\w.\-]+)", first
+        )
+        if unknown is None:
+            return bad_value(message, first)
+        key = unknown.group(1)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    prog = getattr(parser, "prog", "macsc").replace(" [options]", "")
+    return f"unknown option {key!r}{hint} (`{prog} --help` lists every option)"
+
+
+def bad_value(message: str, first: str) -> str:
+    """A value the parser rejected, in one line: the key, what was expected, what was given."""
+    import re
+
+    key = re.match(r'Parser key "([\w.\-]+)"', first)
+    if key is None:
+        return first[:300]
+    expected = re.findall(r"- Expected an? <class '(\w+)'>", message)
+    expected = [name for name in expected if name != "NoneType"]
+    given = re.search(r"Given value: (.*)", message)
+    errors = [
+        line.strip(" -")
+        for line in message.splitlines()[1:]
+        if line.strip().startswith("- ") and "Expected a" not in line
+    ]
+    what = f"expected {' or '.join(expected)}" if expected else (errors[0] if errors else "")
+    shown = f", got {given.group(1)[:80]!r}" if given else ""
+    return f"option {key.group(1)!r}: {what or 'invalid value'}{shown}"[:300]
+
+
+def data_module_options() -> set[str]:
+    """The init arguments of the data modules macsc ships (for suggestions)."""
+    import inspect
+
+    from tasks import commongen, demo, glue, squad
+    from tasks.base import MaCSCDataModule
+
+    classes = (
+        MaCSCDataModule,
+        glue.GLUEDataModule,
+        glue.TableDataModule,
+        squad.SquadDataModule,
+        commongen.CommonGenDataModule,
+        demo.DemoDataModule,
+    )
+    return {
+        name
+        for cls in classes
+        for name in inspect.signature(cls.__init__).parameters
+        if name not in ("self", "options")
+    }
+
+
+class MacscArgumentParser(LightningArgumentParser):
+    """Reports a bad option or config key in one line, naming the closest valid key."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from macsc.errors import CommandLineError
+
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise CommandLineError(option_error(message, parser)) from ex
+
+
+class MacscCLI(LightningCLI):
+    """Links what only the data knows into the model, and connects the data to the model."""
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("dump_header", [])
+        parser = MacscArgumentParser(**kwargs)
+        from jsonargparse import ActionConfigFile
+
+        parser.add_argument(
+            "-c",
+            "--config",
+            action=ActionConfigFile,
+            help="Path to a configuration file in json or yaml format.",
+        )
+        return parser
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            "data",
+            "model.task",
+            compute_fn=lambda data: data.task_spec.to_dict(),
+            apply_on="instantiate",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """A relative logger ``save_dir`` (the configs' ``runs``) is relative to
+        ``--trainer.default_root_dir`` when one is given, so the root dir decides where
+        runs go unless the user points the logger elsewhere."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        root = trainer.get("default_root_dir") if trainer is not None else None
+        if not root:
+            return
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            save_dir = getattr(init_args, "save_dir", None) if init_args else None
+            if isinstance(save_dir, str) and not Path(save_dir).expanduser().is_absolute():
+                init_args.save_dir = str(Path(root) / save_dir)
+
+    def instantiate_classes(self) -> None:
+        from macsc.errors import MacscError
+
+        MacscError.last = None
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            ours = MacscError.last
+            if ours is not None and str(ours) in str(error):
+                raise ours from error
+            raise
+        if self.datamodule is not None and hasattr(self.datamodule, "connect"):
+            self.datamodule.connect(
+                self.model.tokenizer, self.model.extractors, self.model.modalities
+            )
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path`` must load with ``weights_only=True`` (unpickling it can then run
+        no code) unless the user passes ``--weights_only false``: refused with one line
+        before LightningCLI reads the file for its hyperparameters, and the run is then held
+        to ``weights_only``. A trusted file keeps the configured model settings: LightningCLI
+        reads hyperparameters with ``weights_only=True`` only."""
+        from macsc.training.checkpoints import check_checkpoint_is_safe
+
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        path = config.get("ckpt_path") if config is not None else None
+        if path is None:
+            return
+        if config.get("weights_only") is False:
+            return
+        # Lightning's keywords ("last", "best", ...) and remote files are Lightning's to read
+        local = "://" not in str(path)
+        if Path(path).exists() or (local and Path(path).suffix == ".ckpt"):
+            check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
+        config["weights_only"] = True
+        super()._parse_ckpt_path()
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest ``last*.ckpt`` of this experiment, in any of
+        its run folders (``<save_dir>/<name>/version_*/checkpoints``) or a configured
+        ``dirpath``. Lightning looks only in the new run's own folder, which is empty, and
+        then goes on without a checkpoint: training from scratch, or testing an untrained
+        model. Nothing found is an error here."""
+        from macsc.errors import CheckpointError
+        from macsc.training.checkpoints import check_checkpoint_is_safe
+
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        folders = last_checkpoint_folders(self.trainer)
+        found = [
+            path
+            for folder in folders
+            for path in folder.glob("last*.ckpt")
+            if path.is_file() and not path.name.startswith(".")
+        ]
+        if not found:
+            where = ", ".join(str(f) for f in folders) or "no checkpoint folder"
+            raise CheckpointError(
+                f"--ckpt_path last: no last.ckpt in {where}; give the checkpoint's path"
+            )
+        config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
+        if config.get("weights_only") is not False:
+            check_checkpoint_is_safe(config["ckpt_path"], how_to_trust="pass --weights_only false")
+
+    before_fit = before_validate = before_test = before_predict = _resolve_last
+
+
+def last_checkpoint_folders(trainer) -> list[Path]:
+    """Where ``last.ckpt`` files of this experiment can be: every run folder of the logger's
+    experiment (``version_*/checkpoints``), each configured ``dirpath``, and the folder Lightning
+    uses without a logger."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = [
+        Path(callback.dirpath)
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+    ]
+    root = getattr(trainer.logger, "root_dir", None)
+    if root:
+        folders += sorted(Path(root).glob("version_*/checkpoints"))
+    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    return [folder for folder in dict.fromkeys(folders) if folder.is_dir()]
+
+
+def run_lightning(args: list[str] | None, run: bool = True):
+    """Build (and by default run) the LightningCLI on ``args`` (None: the command line)."""
+    from lightning import LightningDataModule
+
+    from macsc.training.module import MaCSC
+
+    return MacscCLI(
+        MaCSC,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,1 @@
+"""CommonGen data and scoring (the official metric)."""

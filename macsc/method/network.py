@@ -1,0 +1,336 @@
+"""The MaCSC network: backbone, conceptual prototypes and their enhancement (SPEC 1-2, Eq. 2-3).
+
+A plain ``nn.Module`` with no Lightning in it: it turns a batch into the branch representations
+(:class:`BranchRepresentations`) that the task heads read.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from macsc.errors import ConfigError, MacscError
+from macsc.method.fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
+from macsc.method.text_tower import TEXT_TOWER_MODEL_TYPE, build_text_tower
+from macsc.paths import resolve_pretrained
+from macsc.prototypes import PrototypeExtractor, Prototypes, build_extractor
+
+#: backbones whose sentence position is their last real token
+LAST_TOKEN_MODELS = ("xlnet", TEXT_TOWER_MODEL_TYPE)
+
+#: SPEC section 1: the paper's extractor for each non-text modality
+DEFAULT_PROTOTYPES: dict[str, dict[str, Any]] = {
+    "image": {"kind": "open_clip", "model_name": "ViT-B-32", "pretrained": "openai"},
+    "audio": {"kind": "audioclip", "checkpoint": "checkpoints/AudioCLIP-Full-Training.pt"},
+    "video": {"kind": "clip_vip", "checkpoint": "checkpoints/pretrain_clipvip_base_32.pt"},
+}
+
+
+@dataclass
+class BranchRepresentations:
+    """What the network gives the heads for one batch.
+
+    text: ``H^t`` ``(B, l, d)``. mask: the text attention mask ``(B, l)``.
+    enhanced_text: ``Ĥ^t_m`` per non-text modality, in ``modalities`` order: ``(B, l, d)``, or
+        ``(B, r, d)`` when only ``rows`` were computed.
+    prototypes, prototype_masks: ``Ĥ^m`` ``(B, n_m, d)`` and its mask ``(B, n_m)`` per modality.
+    rows: ``(B, r)`` the positions of ``H^t`` that ``enhanced_text`` holds, None for all.
+    pooling: the backbone's sentence position (``first``, ``last`` or ``mean``).
+    """
+
+    text: Tensor
+    mask: Tensor
+    enhanced_text: list[Tensor]
+    prototypes: list[Tensor]
+    prototype_masks: list[Tensor]
+    rows: Tensor | None
+    pooling: str
+
+    @property
+    def text_branch(self) -> Tensor:
+        """The text branch (SPEC 2): the mean over modalities of ``Ĥ^t_m``; ``H^t`` alone
+        when the run has no other modality."""
+        return torch.stack(self.enhanced_text).mean(0) if self.enhanced_text else self.text
+
+    def sentence(self, states: Tensor) -> Tensor:
+        """``(B, d)``: ``states`` read at the sentence position. A tensor of all ``l`` rows is
+        pooled there (:func:`macsc.method.fusion.sentence_pool`); one already cut to ``rows`` holds
+        only that row."""
+        if self.rows is not None and states.shape[1] == self.rows.shape[1]:
+            return states[:, 0]
+        return sentence_pool(states, self.mask, self.pooling)
+
+    def pooled_prototypes(self) -> list[Tensor]:
+        """The masked mean of each modality's enhanced prototypes ``Ĥ^m``: ``(B, d)`` each."""
+        return [
+            masked_mean(states, mask).to(self.text.dtype)
+            for states, mask in zip(self.prototypes, self.prototype_masks, strict=True)
+        ]
+
+
+class MaCSCNetwork(nn.Module):
+    """Backbone + prototype sources + one concept enhancer per non-text modality.
+
+    Args:
+        backbone: Hugging Face name or folder, or ``package:<module>`` (:mod:`macsc.paths`);
+            None when ``text_tower`` is the encoder.
+        modalities: ``text`` first.
+        prototypes: the source of each non-text modality (options of
+            :func:`macsc.prototypes.build_extractor`); unlisted ones use the paper's.
+        auto_class: the ``transformers`` auto class that loads the backbone (``AutoModel``;
+            ``AutoModelForSeq2SeqLM`` for generation, whose encoder then gives ``H^t``).
+        enhancement, share_enhancer, enhancer_heads, enhancer_feed_forward: SPEC 2.
+        text_pooling: ``auto`` (first token; last for XLNet and text towers), ``first``,
+            ``last``, ``mean``.
+        dropout: of the enhancers (default: the backbone's).
+        backbone_kwargs: extra keyword arguments of ``from_pretrained``.
+        text_tower: a multimodal model's text tower as the encoder instead of ``backbone``
+            (SPEC 13, the MC-PTM baselines; :func:`macsc.method.text_tower.build_text_tower`).
+    """
+
+    def __init__(
+        self,
+        backbone: str | None,
+        modalities: list[str],
+        prototypes: dict[str, dict[str, Any]] | None = None,
+        auto_class: str = "AutoModel",
+        enhancement: bool = True,
+        share_enhancer: bool = False,
+        enhancer_heads: int = 8,
+        enhancer_feed_forward: bool = False,
+        text_pooling: str = "auto",
+        dropout: float | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        text_tower: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        prototypes = copy.deepcopy(prototypes or {})
+        check_modalities(modalities, prototypes)
+        self.modalities = list(modalities)
+        # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
+        self.backbone = load_encoder(backbone, text_tower, auto_class, backbone_kwargs).train()
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # unused (we pool ourselves); DDP rejects unused parameters
+        config = self.backbone.config
+        self.hidden_size = config.hidden_size if hasattr(config, "hidden_size") else config.d_model
+        if dropout is None:
+            names = ("hidden_dropout_prob", "dropout", "dropout_rate")  # BERT, XLNet, T5
+            dropout = next((getattr(config, n) for n in names if hasattr(config, n)), 0.1) or 0.1
+        self.dropout_rate = float(dropout)
+        self.text_pooling = (
+            ("last" if config.model_type in LAST_TOKEN_MODELS else "first")
+            if text_pooling == "auto"
+            else text_pooling
+        )
+        sentence_positions(torch.ones(1, 1), self.text_pooling)  # validates the option
+        if config.model_type == TEXT_TOWER_MODEL_TYPE and self.text_pooling == "first":
+            raise ConfigError(
+                "model.text_pooling 'first' reads the SOT token of a causal text tower, which "
+                "sees nothing but itself; use auto (the last real token, the EOT) or mean"
+            )
+
+        self._frozen_extractors: dict[str, PrototypeExtractor] = {}
+        self.trainable_extractors = nn.ModuleDict()
+        self.enhancers = nn.ModuleDict()
+        self.sources: dict[str, str] = {}
+        built: dict[str, PrototypeExtractor] = {}
+        for name in self.modalities[1:]:
+            # a source given in the config replaces the default one whole (options differ by kind)
+            source = prototypes.get(name) or DEFAULT_PROTOTYPES[name]
+            origin = "model.prototypes" if prototypes.get(name) else "the paper's default"
+            self.sources[name] = f"{name} <- {_options_text(source)} ({origin})"
+            shared = _options_text(effective_source(name, source))
+            try:
+                extractor = built.get(shared) or build_source(name, source)
+            except MacscError as error:
+                if prototypes.get(name):
+                    raise
+                raise ConfigError(
+                    f"model.prototypes has no entry for {name!r}, so the paper's extractor "
+                    f"{_options_text(source)} is used, and: {error} (note: "
+                    f"--model.prototypes '{{...}}' replaces the whole dict; "
+                    f"--model.prototypes.{name} '{{kind: ...}}' sets one modality)"
+                ) from error
+            if extractor.trainable:
+                self.trainable_extractors[name] = extractor
+            else:
+                # modalities with the same frozen source (Table 5: one PLM for all three) share
+                # one copy of its weights
+                built[shared] = extractor
+                self._frozen_extractors[name] = extractor.eval()
+            self.enhancers[name] = ConceptEnhancer(
+                self.hidden_size,
+                extractor.dim,
+                num_heads=enhancer_heads,
+                dropout=self.dropout_rate,
+                feed_forward=enhancer_feed_forward,
+                enhancement=enhancement,
+            )
+        if share_enhancer and enhancement and len(self.enhancers) > 1:
+            first = next(iter(self.enhancers.values()))
+            for enhancer in self.enhancers.values():
+                enhancer.attention, enhancer.norm = first.attention, first.norm
+                enhancer.feed_forward, enhancer.ff_norm = first.feed_forward, first.ff_norm
+
+    @property
+    def extractors(self) -> dict[str, PrototypeExtractor]:
+        """The prototype source of every non-text modality, in ``modalities`` order."""
+        return {
+            m: self._frozen_extractors.get(m) or self.trainable_extractors[m]
+            for m in self.modalities[1:]
+        }
+
+    @property
+    def tokenizer(self) -> Any:
+        """A text tower's own tokenizer object; None for a Hugging Face backbone, whose
+        tokenizer the data module loads from the backbone's name."""
+        return getattr(self.backbone, "tokenizer", None) if self.is_text_tower else None
+
+    @property
+    def is_text_tower(self) -> bool:
+        return self.backbone.config.model_type == TEXT_TOWER_MODEL_TYPE
+
+    @property
+    def encoder(self) -> nn.Module:
+        """What gives ``H^t``: the backbone, or the encoder of an encoder-decoder backbone."""
+        return (
+            self.backbone.get_encoder()
+            if self.backbone.config.is_encoder_decoder
+            else self.backbone
+        )
+
+    def sentence_rows(self, attention_mask: Tensor) -> Tensor | None:
+        """``(B, 1)`` the backbone's sentence position in each sample; None for ``mean``."""
+        return sentence_positions(attention_mask, self.text_pooling)
+
+    def prototypes_of(self, batch: dict, name: str) -> Prototypes:
+        """Modality ``name``'s prototypes of the batch: the cached ones the data module put in
+        it, or extracted now from the raw segments (trainable extractors)."""
+        stored = batch.get("prototypes", {}).get(name)
+        if stored is not None:
+            return Prototypes(stored["features"], stored["mask"])
+        if "segments" not in batch:
+            raise ConfigError(
+                f"the batch has no prototypes for modality {name!r} and no raw 'segments' to "
+                "extract them from; use a macsc data module (tasks.*) connected to this model"
+            )
+        device = batch["input_ids"].device
+        parts = [self.extractors[name].extract(list(texts)) for texts in batch["segments"]]
+        features = torch.cat([p.features for p in parts], dim=1).to(device)
+        return Prototypes(features, torch.cat([p.mask for p in parts], dim=1).to(device))
+
+    def forward(self, batch: dict, rows: Tensor | None = None) -> BranchRepresentations:
+        """Branch representations of ``batch``; ``rows`` ``(B, r)``: the only positions of
+        ``Ĥ^t_m`` the caller reads (the enhancers then query only those rows and the prototype
+        rows, :func:`macsc.method.fusion.few_query_attention`), None for every position."""
+        inputs = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch
+        }
+        text = self.encoder(**inputs).last_hidden_state
+        mask = batch["attention_mask"]
+        enhanced_text, prototypes, masks = [], [], []
+        for name in self.modalities[1:]:
+            source = self.prototypes_of(batch, name)
+            text_m, proto_m = self.enhancers[name](
+                text, mask, source.features, source.mask, text_rows=rows
+            )
+            enhanced_text.append(text_m)
+            prototypes.append(proto_m)
+            masks.append(source.mask)
+        return BranchRepresentations(
+            text, mask, enhanced_text, prototypes, masks, rows, self.text_pooling
+        )
+
+
+def _options_text(source: dict[str, Any]) -> str:
+    options = ", ".join(f"{key}: {value}" for key, value in source.items())
+    return "{" + options + "}"
+
+
+def check_modalities(modalities: list[str], prototypes: dict[str, dict[str, Any]]) -> None:
+    if not modalities or modalities[0] != "text":
+        raise ConfigError(
+            f"model.modalities must start with 'text' (e.g. [text, image, audio, video]); "
+            f"got {modalities}"
+        )
+    if len(set(modalities)) != len(modalities):
+        raise ConfigError(f"model.modalities lists a modality twice: {modalities}")
+    unknown = [m for m in modalities[1:] if m not in prototypes and m not in DEFAULT_PROTOTYPES]
+    if unknown:
+        raise ConfigError(
+            f"unknown modality {unknown[0]!r} in model.modalities: known ones are "
+            f"{['text', *DEFAULT_PROTOTYPES]}; for a new one give its source in "
+            f"model.prototypes.{unknown[0]} (e.g. {{kind: gaussian, dim: 512}})"
+        )
+
+
+def effective_source(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The options modality ``name``'s source is built from: Gaussian noise gets the modality's
+    own stream, so two modalities with the same options still get independent noise."""
+    spec = dict(spec)
+    if spec.get("kind") == "gaussian":
+        spec.setdefault("stream", name)
+    return spec
+
+
+def build_source(name: str, spec: dict[str, Any]) -> PrototypeExtractor:
+    """The prototype extractor of modality ``name`` from its config entry."""
+    spec = effective_source(name, spec)
+    kind = spec.pop("kind", None)
+    if not kind:
+        raise ConfigError(
+            f"model.prototypes.{name} needs a 'kind' (e.g. open_clip, audioclip, clip_vip, hf, gaussian)"
+        )
+    try:
+        return build_extractor(kind, **spec)
+    except TypeError as error:
+        raise ConfigError(f"model.prototypes.{name}: {error}") from error
+
+
+def load_encoder(
+    backbone: str | None,
+    text_tower: dict[str, Any] | None,
+    auto_class: str,
+    backbone_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    """The module that gives ``H^t``: the Hugging Face ``backbone``, or ``text_tower``."""
+    if text_tower is None:
+        if not backbone:
+            raise ConfigError(
+                "model.backbone is not set: give a Hugging Face model name or folder (or "
+                "model.text_tower: {kind: open_clip, ...} for an MC-PTM baseline)"
+            )
+        return load_backbone(backbone, auto_class, backbone_kwargs or {})
+    if backbone:
+        raise ConfigError(
+            f"model.backbone {backbone!r} and model.text_tower are both set; with a text tower "
+            "the tower is the encoder: set model.backbone: null (the overlays "
+            "lightning_configs/tables/*_text.yaml do; give them after any config that sets a "
+            "backbone)"
+        )
+    if backbone_kwargs:
+        raise ConfigError(
+            "model.backbone_kwargs apply to a Hugging Face backbone, not a text tower"
+        )
+    return build_text_tower(text_tower)
+
+
+def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    try:
+        path = resolve_pretrained(name)
+    except ConfigError as error:
+        raise ConfigError(f"model.backbone: {error}") from error
+    try:
+        return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the backbone {name!r}: {str(error).splitlines()[0]} -- give a local "
+            "folder (save_pretrained layout) or a hub name, and run online once (or set "
+            "HF_HOME to a cache that has it) before using HF_HUB_OFFLINE=1"
+        ) from error

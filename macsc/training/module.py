@@ -1,0 +1,525 @@
+"""The MaCSC LightningModule: composes the network, the task head and the objective; owns the
+training, evaluation and prediction steps, the metrics, logging and the optimiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from macsc.errors import ConfigError
+from macsc.method.heads import (
+    EvaluationContext,
+    EvaluationResult,
+    HeadOutput,
+    build_task_head,
+    head_class,
+)
+from macsc.method.network import DEFAULT_PROTOTYPES, BranchRepresentations, MaCSCNetwork
+from macsc.method.objective import DeviceGroup, MaCSCObjective
+from macsc.paths import resolve_pretrained
+from macsc.prototypes import PrototypeExtractor
+from macsc.task import TaskSpec
+from macsc.training.checkpoints import (
+    check_checkpoint_is_safe,
+    is_local,
+    mismatch_error,
+    upgrade_state_dict,
+)
+from macsc.training.guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
+from macsc.training.heatmaps import ModalityWeightHeatmaps
+from macsc.training.optim import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    build_optimizer,
+    check_choice,
+    linear_schedule,
+)
+from macsc.training.result_files import EmptyRunCleanup, write_evaluation
+from macsc.training.resume import RunState
+
+__all__ = ["DEFAULT_PROTOTYPES", "MaCSC", "ModelOutput", "check_checkpoint_is_safe"]
+
+#: what each evaluation stage is called in metric names and files
+STAGES = {"validate": "val", "test": "test", "predict": "predict"}
+#: the checkpoint entry with the head options as they took effect (``TaskHead.recorded_options``)
+HEAD_OPTIONS_KEY = "macsc_head_options"
+
+
+@dataclass
+class ModelOutput:
+    """One forward pass: the network's branch representations and the head's output."""
+
+    representations: BranchRepresentations
+    head: HeadOutput
+
+    @property
+    def outputs(self) -> Tensor:
+        return self.head.outputs
+
+    @property
+    def features(self) -> Tensor | None:
+        return self.head.features
+
+
+class MaCSC(L.LightningModule):
+    """MaCSC fine-tuning of any Hugging Face encoder (or encoder-decoder, for generation).
+
+    Args:
+        backbone: Hugging Face model name or local folder of the PLM (``bert-base-uncased``);
+            null when ``text_tower`` is the encoder.
+        modalities: ``[text]``, ``[text, image]``, ... ``text`` first. ``[text]`` with
+            ``lambda_msb: 0`` is the plain fine-tuning baseline ("+None").
+        prototypes: the prototype source of each non-text modality, as keyword options of
+            :func:`macsc.prototypes.build_extractor` (``{image: {kind: open_clip, ...}}``);
+            modalities not listed use the paper's extractors (SPEC section 1).
+        task: filled in by the data module (kind, number of labels, metrics); see
+            :class:`macsc.task.TaskSpec`.
+        enhancement: ``false`` is the "w/o Concept Enhancement" ablation.
+        share_enhancer: one attention block for all modalities instead of one each.
+        enhancer_heads: attention heads of the enhancement module (paper: 8).
+        enhancer_feed_forward: add a feed-forward block after the enhancement attention.
+        text_pooling: ``auto`` (first token, or last for XLNet), ``first``, ``last``, ``mean``.
+        lambda_msb: weight of the self-balancing loss (Eq. 14); default the task kind's (0.2 as
+            in the paper's A.3; 0 for generation, where the paper cancels it).
+        alpha: strength of the class-prior debiasing of Eq. 4.
+        tau: contrastive temperature of Eq. 7.
+        proj_dim: width of the contrastive projectors.
+        weight_normalization: ``balanced`` (default: Eq. 5 rescaled per modality pair),
+            ``batch`` (Eq. 5 literally) or ``positives``; see SPEC 5.
+        reduction: ``mean`` or ``sum`` over examples, for ``L_wa`` and ``L_msb`` alike (Eq. 8
+            and 12 sum; ``mean`` keeps lambda independent of the batch size).
+        gather_across_devices: all-gather features and predictions under DDP so that positives
+            and negatives span the global batch.
+        learning_rate, weight_decay, warmup_ratio, adam_epsilon: AdamW with linear warm-up and
+            linear decay to zero.
+        optimizer: ``adamw`` (default) or ``adafactor`` (T5's fine-tuning optimiser, for the T5
+            baseline of SPEC 10; ``adam_epsilon`` does not apply).
+        lr_schedule: after the warm-up, ``linear`` decay to zero (default) or a ``constant``
+            rate (T5's fine-tuning).
+        modality_weight_lr_scale: learning-rate multiplier for the modality weights rho and Z
+            (the paper uses one learning rate: 1.0; short runs may want them to move faster).
+        dropout: dropout before the heads and in the enhancer (default: the backbone's).
+        nonfinite: ``raise`` stops training on a NaN/Inf loss term, naming it and the step
+            (checked without a host sync in the step: at the next ``log_every_n_steps``, and
+            always before a checkpoint is written); ``skip`` drops that batch on every rank (its
+            gradient is zero; an update made of skipped batches only is not applied) and logs
+            ``train/skipped_batches`` (one host sync per step).
+        backbone_kwargs: extra keyword arguments of ``from_pretrained``.
+        head_options: options of the task kind's head (generation: ``num_beams``,
+            ``max_new_tokens``, ``decoder_memory``, ...; see the head classes in
+            :mod:`macsc.method.heads`). A checkpoint records the options its head ran with
+            (:meth:`macsc.method.heads.TaskHead.recorded_options`).
+        text_tower: the MC-PTM baselines (SPEC 13; Table 4 "+None" of CLIP, AudioCLIP,
+            CLIP-ViP): a multimodal model's text tower is the encoder and is fine-tuned, and the
+            data is tokenised with its own tokenizer; ``{kind: open_clip|audioclip|clip_vip,
+            <the options that load it, as in prototypes>, projection: true}``
+            (:mod:`macsc.method.text_tower`). Needs ``backbone: null``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | None = "bert-base-uncased",
+        modalities: list[str] | None = None,
+        prototypes: dict[str, dict[str, Any]] | None = None,
+        task: dict[str, Any] | None = None,
+        enhancement: bool = True,
+        share_enhancer: bool = False,
+        enhancer_heads: int = 8,
+        enhancer_feed_forward: bool = False,
+        text_pooling: str = "auto",
+        lambda_msb: float | None = None,
+        alpha: float = 1.0,
+        tau: float = 0.1,
+        proj_dim: int = 128,
+        weight_normalization: str = "balanced",
+        reduction: str = "mean",
+        gather_across_devices: bool = False,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        adam_epsilon: float = 1e-8,
+        optimizer: str = "adamw",
+        lr_schedule: str = "linear",
+        modality_weight_lr_scale: float = 1.0,
+        dropout: float | None = None,
+        nonfinite: str = "raise",
+        backbone_kwargs: dict[str, Any] | None = None,
+        head_options: dict[str, Any] | None = None,
+        text_tower: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        modalities = (
+            list(modalities) if modalities is not None else ["text", "image", "audio", "video"]
+        )
+        self.guard = NonFiniteGuard(nonfinite)
+        check_choice("model.optimizer", optimizer, OPTIMIZERS)
+        check_choice("model.lr_schedule", lr_schedule, LR_SCHEDULES)
+        self.save_hyperparameters()
+        self.modalities = modalities
+        self.spec = TaskSpec.from_dict(task)
+        self.network = MaCSCNetwork(
+            backbone,
+            modalities,
+            prototypes,
+            auto_class=head_class(self.spec.kind).auto_class,
+            enhancement=enhancement,
+            share_enhancer=share_enhancer,
+            enhancer_heads=enhancer_heads,
+            enhancer_feed_forward=enhancer_feed_forward,
+            text_pooling=text_pooling,
+            dropout=dropout,
+            backbone_kwargs=backbone_kwargs,
+            text_tower=text_tower,
+        )
+        self.head = build_task_head(
+            self.spec,
+            len(modalities),
+            self.network.hidden_size,
+            dropout=self.network.dropout_rate,
+            **(head_options or {}),
+        )
+        self.head.attach(self.network.backbone)
+        if lambda_msb is None:
+            lambda_msb = self.head.default_lambda_msb
+        self.objective = MaCSCObjective(
+            modalities,
+            self.network.hidden_size,
+            self.head,
+            lambda_msb=lambda_msb,
+            alpha=alpha,
+            tau=tau,
+            proj_dim=proj_dim,
+            weight_normalization=weight_normalization,
+            reduction=reduction,
+            gather_across_devices=gather_across_devices,
+        )
+        self._checkpoint_hparams: dict[str, Any] = {}
+        self._updated: set[str] = set()
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{name}": self.head.make_metrics(["fused", *modalities])
+                for stage in STAGES.values()
+                for name in self.spec.val_names
+            }
+        )
+
+    # ----------------------------------------------------------------- what the data needs
+    @property
+    def backbone_name(self) -> str:
+        """Where the backbone (and so its tokenizer) was loaded from."""
+        if self.network.is_text_tower:
+            raise ConfigError(
+                f"this model's encoder is the text tower {self.network.backbone.description} "
+                "(model.text_tower), not a Hugging Face backbone"
+            )
+        return resolve_pretrained(self.hparams.backbone)
+
+    @property
+    def tokenizer(self) -> Any:
+        """What tokenises the text for this model, as :meth:`tasks.base.MaCSCDataModule.connect`
+        takes it: the backbone's name or folder (the data module loads its tokenizer), or a text
+        tower's own tokenizer object."""
+        tokenizer = self.network.tokenizer
+        return self.backbone_name if tokenizer is None else tokenizer
+
+    @property
+    def extractors(self) -> dict[str, PrototypeExtractor]:
+        """The prototype source of every non-text modality, in ``modalities`` order."""
+        return self.network.extractors
+
+    def setup(self, stage: str) -> None:
+        if self.network.sources:
+            # a modality missing from model.prototypes silently takes the paper's extractor
+            # (a dict given on the command line replaces the whole dict): say which is used
+            rank_zero_info("prototype sources: " + "; ".join(self.network.sources.values()))
+        datamodule = (
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        )
+        if stage != "fit":
+            return
+        if datamodule is not None and hasattr(datamodule, "train_label_classes"):
+            self.objective.set_class_prior(self.head, datamodule.train_label_classes())
+        elif self.objective.calibration is not None and self.objective.alpha != 0:
+            rank_zero_warn(
+                "the class prior pi_e of Eq. 4 stays uniform: training runs without a data "
+                "module that gives the training labels (train_label_classes()), so the "
+                "debiasing does nothing; use a macsc data module (tasks.*), or give yours a "
+                "train_label_classes() method, or set model.alpha: 0 to say so"
+            )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """What every run needs, so a user never has to configure it: the non-finite check,
+        the modality-weight heatmaps, and the run state of an exact resume (random streams,
+        loader position, SLURM requeue, atomic checkpoint files), and the removal of the empty
+        folder a failed evaluation would leave."""
+        return [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState(), EmptyRunCleanup()]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, batch: dict) -> ModelOutput:
+        # a head that reads one row of each Ĥ^t_m: the enhancers then compute only that row
+        rows = (
+            None if self.head.needs_tokens else self.network.sentence_rows(batch["attention_mask"])
+        )
+        representations = self.network(batch, rows)
+        return ModelOutput(representations, self.head(representations, batch))
+
+    def compute_losses(self, batch: dict, forward: ModelOutput) -> dict[str, Any]:
+        """Every loss term of the batch (:meth:`macsc.method.objective.MaCSCObjective.forward`)."""
+        devices = None
+        attached = self._trainer is not None or self._fabric is not None
+        if attached and self.trainer.world_size > 1:
+            devices = DeviceGroup(
+                self.all_gather, self.trainer.world_size, self.trainer.global_rank
+            )
+        return self.objective(self.head, forward.head, batch, devices)
+
+    # ---------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        losses = self.compute_losses(batch, self(batch))
+        terms = self.objective.terms(losses)
+        if self.guard.policy == "skip":
+            any_rank = None
+            if self.trainer.world_size > 1:
+                any_rank = lambda bad: self.trainer.strategy.reduce(bad, reduce_op="sum")  # noqa: E731
+            if self.guard.should_skip(terms, self.objective.term_names, self.global_step, any_rank):
+                self.log("train/skipped_batches", self.guard.skipped_batches.float(), on_step=True)
+                return {"loss": no_gradient_loss(self)}
+        else:
+            self.guard.note(terms, self.global_step)
+        self._log_training(losses, batch["input_ids"].shape[0])
+        step = {"loss": losses["total"]}
+        if "agreement" in losses:
+            step["agreement"] = losses["agreement"].detach()
+        return step
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.guard.before_optimizer_step(optimizer)
+
+    def _log_training(self, losses: dict[str, Any], batch_size: int) -> None:
+        log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss/total", losses["total"], prog_bar=True, **log)
+        if not self._logger_writes_this_step():
+            return
+        values = {"loss/wa": losses["wa"]}
+        if self.objective.rho_logits is not None:
+            rho = torch.softmax(self.objective.rho_logits.detach(), 0)
+            values.update({f"weights/rho/{m}": rho[i] for i, m in enumerate(self.modalities)})
+        if "msb" in losses:
+            values["loss/msb"] = losses["msb"]
+            index = {m: i for i, m in enumerate(self.modalities)}
+            pairs = self.objective.calibration.pair_names
+            for (m, k), pair_loss in zip(pairs, losses["pairs"], strict=True):
+                values[f"loss/pair/{m}->{k}"] = pair_loss
+                values[f"weights/pair/{m}->{k}"] = losses["pi_z"][index[m], index[k]]
+        if self.trainer.optimizers:
+            values["lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_dict(
+            {k: v.detach() if isinstance(v, Tensor) else v for k, v in values.items()}, **log
+        )
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether the logger writes this training step's values: every ``log_every_n_steps``,
+        by Lightning's own rule. The ~30 ``self.log`` calls of the other steps would cost time
+        (noticeable beside a fast GPU step) for values nobody sees; the progress bar's
+        ``loss/total`` is logged every step."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is None or not hasattr(type(connector), "should_update_logs"):
+            return True
+        return bool(connector.should_update_logs or self.trainer.fast_dev_run)
+
+    # --------------------------------------------------------------------------- evaluation
+    def _evaluate(self, stage: str, batch: dict, dataloader_idx: int) -> None:
+        forward = self(batch)
+        key = f"{stage}_{self.spec.val_names[dataloader_idx]}"
+        scored = stage != "predict" and self.head.has_targets(batch)
+        if stage != "predict" and not scored:
+            return  # an unlabelled evaluation split (GLUE test) is not scored
+        self._updated.add(key)
+        self.head.update_metrics(
+            self.metrics[key],
+            forward.head,
+            forward.representations,
+            self.objective.rho_logits,
+            batch,
+        )
+        loss = (
+            self.head.evaluation_loss(forward.outputs, self.objective.rho_logits, batch)
+            if scored
+            else None
+        )
+        if loss is not None:
+            self.log(
+                f"{self._metric_prefix(stage, dataloader_idx)}/loss",
+                loss,
+                on_epoch=True,
+                batch_size=batch["input_ids"].shape[0],
+                add_dataloader_idx=False,
+            )
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Predictions are gathered like evaluation results and written at the end of the
+        epoch as ``predictions-<split>.jsonl`` (and the task's official files)."""
+        self._evaluate("predict", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")
+
+    def _metric_prefix(self, stage: str, index: int) -> str:
+        names = self.spec.val_names
+        return stage if len(names) == 1 else f"{stage}_{names[index]}"
+
+    def _finish(self, stage: str) -> None:
+        """Compute each split's metrics, log them, and write its files."""
+        for index, name in enumerate(self.spec.val_names):
+            key = f"{stage}_{name}"
+            if key not in self._updated:
+                continue
+            self._updated.discard(key)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            context = EvaluationContext(
+                stage,
+                name,
+                datamodule,
+                sanity_check=self.trainer.sanity_checking,
+                is_global_zero=self.trainer.is_global_zero,
+                broadcast=self.trainer.strategy.broadcast,
+            )
+            result = self.head.compute_metrics(self.metrics[key], context)
+            prefix = self._metric_prefix(stage, index)
+            if stage != "predict":
+                self.log_dict(
+                    {f"{prefix}/{k}": v for k, v in result.metrics.items() if "/" in k},
+                )
+                self.log_dict(
+                    {f"{prefix}/{k}": v for k, v in result.metrics.items() if "/" not in k},
+                    prog_bar=True,
+                )
+            self._write(stage, name, result, datamodule)
+            experiment = getattr(self.logger, "experiment", None)
+            if result.samples and self.trainer.is_global_zero and hasattr(experiment, "add_text"):
+                text = "\n\n".join(f"{i + 1}. {sample}" for i, sample in enumerate(result.samples))
+                experiment.add_text(f"{prefix}/samples", text, self.global_step)
+
+    def _write(self, stage: str, name: str, result: EvaluationResult, datamodule: Any) -> None:
+        """The split's result files in the logger's folder (:func:`write_evaluation`): on
+        global rank 0, not during the sanity check, and only when the run has a logger."""
+        trainer = self.trainer
+        if not trainer.loggers:
+            return
+        log_dir = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        summary = {
+            "stage": trainer.state.fn.value if trainer.state.fn else stage,
+            "split": _split_name(datamodule, stage, name),
+            "task": getattr(datamodule, "task", None) or type(datamodule).__name__,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+        write_evaluation(log_dir, stage, name, summary, result)
+
+    # -------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> MaCSC:
+        """Lightning's ``load_from_checkpoint``, made safe: the file is read with
+        ``weights_only=True``, so one whose unpickling would run code is refused with a
+        :class:`CheckpointError` unless ``trust_checkpoint=True``; a missing, damaged or
+        mismatched checkpoint is a CheckpointError too. (``macsc fit --ckpt_path`` follows the
+        same rule; there ``--weights_only false`` is the trust option.)"""
+        if not trust_checkpoint and is_local(checkpoint_path):
+            check_checkpoint_is_safe(checkpoint_path, how_to_trust="pass trust_checkpoint=True")
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location,
+            hparams_file,
+            strict,
+            weights_only=not trust_checkpoint,
+            **kwargs,
+        )
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` that also reads checkpoints of earlier layouts
+        (:func:`macsc.training.checkpoints.upgrade_state_dict`), and reports a checkpoint of another
+        architecture (another backbone width, other modalities or task) in one line naming the
+        mismatched keys and the checkpoint's settings, not torch's page of keys."""
+        state_dict = upgrade_state_dict(state_dict)
+        saved = {
+            key: self._checkpoint_hparams[key]
+            for key in ("backbone", "modalities", "task")
+            if key in self._checkpoint_hparams
+        }
+        encoder = (
+            f"text tower {self.network.backbone.description}"
+            if self.network.is_text_tower
+            else f"backbone {self.hparams.backbone!r}"
+        )
+        describe = f"{encoder}, modalities {self.modalities}, task {self.spec.kind}"
+        error = mismatch_error(self.state_dict(), state_dict, strict, describe, saved)
+        if error is not None:
+            raise error
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the head options as they took effect, so that a later default cannot change what a
+        # checkpoint loads as; beside the hyperparameters, which load_from_checkpoint's keyword
+        # overrides rewrite
+        checkpoint[HEAD_OPTIONS_KEY] = self.head.recorded_options()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})
+        if note is not None:
+            rank_zero_info(note)
+        # only when resuming a run: load_from_checkpoint has already mixed its keyword
+        # overrides into these hyperparameters, and starts no training
+        if self._trainer is not None:
+            self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
+
+    # ---------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(
+            self,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.adam_epsilon,
+            self.hparams.modality_weight_lr_scale,
+            self.hparams.optimizer,
+        )
+        schedule = linear_schedule(
+            optimizer,
+            self.trainer.estimated_stepping_batches,
+            self.hparams.warmup_ratio,
+            self.hparams.lr_schedule,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def _split_name(datamodule: Any, stage: str, name: str) -> str:
+    """The data module's name of the split evaluated as ``name`` (``validation_matched``)."""
+    resolve = getattr(datamodule, "evaluated_split_name", None)
+    return resolve(stage, name) if resolve is not None else name
