@@ -42,7 +42,7 @@ table: $(STAMP)
 	$(PYTHON) scripts/run_table.py --table $(T) $(ARGS)
 
 # Mutation testing of the method's core with mutmut (~20 min on 2 cores; not part of CI):
-# README "Mutation testing". ARGS=--report prints the last run's report again.
+# docs/mutation-testing.md. ARGS=--report prints the last run's report again.
 # mutmut is installed here only: CI and the tests do not need it.
 mutation: $(STAMP)
 	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install --disable-pip-version-check -q 'mutmut>=3.8'

@@ -1,4 +1,4 @@
-"""Mutation testing of the method's core: ``make mutation`` (README, "Mutation testing").
+"""Mutation testing of the method's core: ``make mutation`` (docs/mutation-testing.md).
 
 mutmut 3, configured in ``pyproject.toml`` (``[tool.mutmut]``: the files it mutates and the fast
 tests it may run), mutates the functions named in :data:`SCOPE`; each mutant runs only those

@@ -4,7 +4,7 @@ shaped like the paper's Tables 1-7.
 A run fills the cells of the row whose id its ``config.yaml`` gives (:func:`macsc.analysis.runs.row_id`,
 or ``--name RUN=ROW``) in every table that has that row, in the columns of its task and
 ``data_fraction``, from its ``metrics-<split>.json``. Each cell reads ``ours / paper (ours -
-paper)`` in the paper's units (the scales are documented in ``macsc/paper_results.json``); a cell
+paper)`` in the paper's units (the scales are documented in ``macsc/analysis/paper_results.json``); a cell
 filled by several runs with the same fine-tuning settings shows their mean and how many; one
 filled by runs whose settings differ (a baseline's grid, SPEC 10) shows the best dev score over
 the settings, marked ``†``, and a note under the table names the chosen point; ``–`` marks a
@@ -41,8 +41,10 @@ GRID_MARK = "†"
 
 
 def paper_results() -> dict[str, Any]:
-    """The paper's numbers (``macsc/paper_results.json``)."""
-    text = resources.files("macsc").joinpath("paper_results.json").read_text(encoding="utf-8")
+    """The paper's numbers (``macsc/analysis/paper_results.json``)."""
+    text = (
+        resources.files("macsc.analysis").joinpath("paper_results.json").read_text(encoding="utf-8")
+    )
     return json.loads(text)
 
 
@@ -377,7 +379,7 @@ def build_report(
         "",
         "Each cell: ours / paper (ours − paper), in the paper's units; "
         f"{DASH} where no run of ours fills the cell. Scales and sources: "
-        "`macsc/paper_results.json`.",
+        "`macsc/analysis/paper_results.json`.",
     ]
     for table in all_tables:
         if table["table"] in selected:

@@ -3,7 +3,7 @@
 A run folder is Lightning's log folder (``runs/<name>/version_N/``) with the ``config.yaml``
 LightningCLI wrote and the ``metrics-<split>.json`` / ``predictions-<split>.jsonl`` files of each
 evaluation. :func:`row_id` turns a resolved config into the id of a row of the paper's tables
-(``bert-base/ours/T+I+A+V``, the ids of ``macsc/paper_results.json``) and :func:`task_key` into
+(``bert-base/ours/T+I+A+V``, the ids of ``macsc/analysis/paper_results.json``) and :func:`task_key` into
 the task its columns name (``glue/sst2``, ``squad/2.0``); ``macsc report`` and ``macsc overlap``
 read runs only through this module.
 """
@@ -237,7 +237,7 @@ def _source_slug(modality: str, spec: dict[str, Any] | None) -> str | None:
 
 def row_id(config: dict[str, Any]) -> str:
     """The paper-table row id of a run, from its resolved config (see the ``row id`` convention
-    in ``macsc/paper_results.json``), e.g. ``roberta-base/no-msb/T+I+A+V`` or
+    in ``macsc/analysis/paper_results.json``), e.g. ``roberta-base/no-msb/T+I+A+V`` or
     ``roberta-base/ours/T+I+A+V/prototypes=gaussian``."""
     model = _section(config, "model")
     backbone = backbone_slug(

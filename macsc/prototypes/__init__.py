@@ -18,15 +18,17 @@ from macsc.prototypes.base import (
     register_extractor,
 )
 from macsc.prototypes.cache import (
-    CacheFileCheck,
     IndexedTexts,
     PrototypeTable,
     build_prototype_cache,
-    cache_files,
     check_storage_dtype,
     index_texts,
     prototype_table,
     resolve_cache_dir,
+)
+from macsc.prototypes.cache_files import (
+    CacheFileCheck,
+    cache_files,
     sampled_ranges,
     verify_cache_file,
 )

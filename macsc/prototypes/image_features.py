@@ -104,7 +104,7 @@ def read_image_features(folder: str | os.PathLike) -> ImageFeatures:
     if not (folder / FEATURES_FILE).is_file() or not (folder / IDS_FILE).is_file():
         raise DataError(
             f"image features folder {str(folder)!r} has no {FEATURES_FILE} and {IDS_FILE}; "
-            "write it with scripts/image_features.py (README: +Image rows)"
+            "write it with scripts/image_features.py (docs/prototypes.md, +Image rows)"
         )
     try:
         array = np.load(folder / FEATURES_FILE, mmap_mode="c")

@@ -45,7 +45,7 @@ class EmptyRunCleanup(L.Callback):
 def write_evaluation(
     log_dir: Path, stage: str, name: str, summary: dict[str, Any], result: Any
 ) -> None:
-    """One evaluated split's files in ``log_dir`` (the README's "Result files"):
+    """One evaluated split's files in ``log_dir`` (docs/results.md, "Result files"):
 
     - ``metrics-<split>.json``: ``summary`` (stage, split, task, global_step, epoch) and the
       metrics, written by validate and test (and each validation of fit; the latest wins);

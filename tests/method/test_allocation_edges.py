@@ -1,7 +1,7 @@
 """Allocation and loss functions (Eq. 4-8, 11-13) at their edges, against formulas written out
 by hand: the precision they compute in, the device they create tensors on (the meta device
 stands in for an accelerator), bin widths other than one, one or two modalities, masks that are
-not symmetric. Found by mutation testing (README, "Mutation testing")."""
+not symmetric. Found by mutation testing (docs/mutation-testing.md)."""
 
 import math
 

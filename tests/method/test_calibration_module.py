@@ -1,6 +1,6 @@
 """The calibration module around Eq. 13 (SPEC 5), against formulas written out by hand: the
 projector, the defaults SPEC 5 names, one and two modalities, and the agreement it reports.
-Found by mutation testing (README, "Mutation testing")."""
+Found by mutation testing (docs/mutation-testing.md)."""
 
 import math
 

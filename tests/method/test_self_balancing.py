@@ -115,14 +115,14 @@ def test_balanced_keeps_per_anchor_weights_under_identity_positives():
 
 
 def test_batch_normalisation_rewards_the_noise_modality():
-    """Why the default departs from Eq. 5 taken literally (SPEC 5, README design decisions)."""
+    """Why the default departs from Eq. 5 taken literally (SPEC 5, docs/design-decisions.md)."""
     pi_z, _ = train_pi_z("batch", steps=TEST_STEPS)
     audio = MODALITIES.index("audio")
     others = [i for i, m in enumerate(MODALITIES) if m != "audio"]
     assert all(pi_z[i, audio] > 0.5 for i in others), pi_z
 
 
-if __name__ == "__main__":  # the figures of the README's design decisions
+if __name__ == "__main__":  # the figures of docs/design-decisions.md
     for normalization in ("balanced", "positives", "batch"):
         for identity in (False, True):
             pi_z, weights = train_pi_z(normalization, identity)

@@ -1,5 +1,5 @@
 """Hostile inputs that other test files do not already try, each with the one-line message it
-gives (the README's Reliability table lists every case and the test that shows it)."""
+gives (the Reliability table of docs/reliability.md lists every case and the test that shows it)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Exact resume through the ``macsc`` command, from each checkpoint a user gets.
 
-One uninterrupted run (``--trainer.deterministic true``, as README's Reliability section tells
+One uninterrupted run (``--trainer.deterministic true``, as docs/reliability.md tells
 users to check) writes every kind of checkpoint: ``ModelCheckpoint(every_n_train_steps)`` after
 every step, ``every_n_epochs`` at each epoch's end, a monitored one after each validation (one
 of them mid-epoch), and the shipped pair ``best.ckpt`` / ``last.ckpt``. Runs resumed from several

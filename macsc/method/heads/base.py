@@ -81,7 +81,7 @@ class EvaluationContext:
 class EvaluationResult:
     """metrics: ``{name: value}`` for the fused prediction and ``{name/branch: value}`` for each
     branch alone (empty for unlabelled data). records: one JSON-ready dict per example (the
-    ``predictions-<split>.jsonl`` format of the README). files: official-format files of the
+    ``predictions-<split>.jsonl`` format of docs/results.md). files: official-format files of the
     task, ``{file name: JSON-ready object}`` (SQuAD's ``predictions.json``). samples: a few
     outputs as text, shown in TensorBoard (generated sentences)."""
 
