@@ -254,7 +254,6 @@ def test_a_missing_java_leaves_one_line_and_no_traceback(tmp_path):
         env={**os.environ, "PATH": ""},
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert run.returncode == 2, run.stderr
     assert "no 'java' command was found" in run.stderr.strip().splitlines()[-1]

@@ -252,7 +252,7 @@ def test_two_processes_building_one_entry_both_get_correct_prototypes(tmp_path):
         while not all((tmp_path / f"{name}.ready").exists() for name in ("a", "b")):
             assert all(w.poll() is None for w in workers), "a worker died before the race"
         (tmp_path / "go").touch()
-        assert [w.wait(timeout=120) for w in workers] == [0, 0]
+        assert [w.wait() for w in workers] == [0, 0]
     finally:
         for w in workers:
             w.kill()
@@ -295,7 +295,7 @@ def test_build_killed_midway_leaves_no_entry_and_the_next_run_rebuilds_it(tmp_pa
         time.sleep(0.3)  # a few batches in
     finally:
         process.kill()  # SIGKILL: no cleanup runs
-        process.wait(timeout=30)
+        process.wait()
     assert not entries(cache) and len(list(cache.glob(".*.tmp"))) == 1  # only a partial file
 
     extractor = CountingGaussian(dim=16, k=2)

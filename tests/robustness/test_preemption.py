@@ -41,12 +41,17 @@ SLURM = {
 }
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float, what: str) -> None:
-    """Poll ``condition`` until true; fail if ``process`` ended first or time ran out."""
-    deadline = time.monotonic() + timeout
+#: a guard against a run that hangs (neither progresses nor exits), never a measure of speed:
+#: every wait below ends on an event (a file appears, a log line is written, the process exits)
+HANG = 3600
+
+
+def wait_for(condition, process: subprocess.Popen, what: str) -> None:
+    """Poll ``condition`` until true; fail if ``process`` ended first (or hung for :data:`HANG`)."""
+    deadline = time.monotonic() + HANG
     while not condition():
         assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"the run hung: no {what} after {HANG} s"
         time.sleep(0.05)
 
 
@@ -67,7 +72,7 @@ def test_requeue_signal_saves_a_clean_checkpoint_that_resumes_exactly(tiny_backb
     first = tmp_path / "first"
     command = fit_command(tiny_backbone, first, "--trainer.default_root_dir", str(root))
     run = start(command, tmp_path, "first.log", **env)
-    wait_for((first / "steps/step=4.ckpt").exists, run, 600, "step 4")
+    wait_for((first / "steps/step=4.ckpt").exists, run, "step 4")
     run.send_signal(signal.SIGUSR1)
     finish(run, tmp_path, "first.log")
 
@@ -129,9 +134,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tiny_backbon
     )
     command = fit_command(tiny_backbone, tmp_path / "run", callbacks=callbacks)
     run = start(command, tmp_path, "run.log")
-    wait_for(marker.exists, run, 600, "the stalled write")
+    wait_for(marker.exists, run, "the stalled write")
     run.kill()
-    run.wait(timeout=60)
+    run.wait()
 
     # the write was under way: a partial file, not loadable
     (partial,) = [p for p in folder.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
@@ -154,26 +159,27 @@ DDP = [
 def wait_for_rank(root: Path, rank: int, step: int, run: subprocess.Popen) -> int:
     """Wait until DDP rank ``rank`` has finished step ``step``; return its pid."""
     path = batch_log(root / "batches.jsonl", rank)
-    wait_for(lambda: step in read_log(path)[0], run, 600, f"rank {rank} at step {step}")
+    wait_for(lambda: step in read_log(path)[0], run, f"rank {rank} at step {step}")
     return next(json.loads(line)["pid"] for line in path.read_text().splitlines())
 
 
 def test_a_dead_rank_stops_the_run_with_a_clear_error_and_last_resumes_it(tiny_backbone, tmp_path):
-    """SIGKILL one of two DDP ranks mid-epoch: the other stops within the process-group
-    timeout with one clear line, and ``--ckpt_path last`` resumes exactly (3 steps an epoch on
-    each rank; ``last.ckpt`` is written after each epoch's validation)."""
+    """SIGKILL one of two DDP ranks mid-epoch: the other stops with one clear line, and
+    ``--ckpt_path last`` resumes exactly (3 steps an epoch on each rank; ``last.ckpt`` is written
+    after each epoch's validation). No clock: the survivor's exit is the event waited for, and
+    its error shows it saw the dead rank's connection close -- not the process-group timeout,
+    which is set far beyond any start-up so that a loaded machine cannot trip it."""
     first = tmp_path / "first"
-    # the timeout covers the start-up too (rank 1 imports while rank 0 waits): not too short
-    options = [*DDP, "--trainer.strategy.timeout", "0:02:00"]
+    options = [*DDP, "--trainer.strategy.timeout", "1:00:00"]
     run = start(fit_command(tiny_backbone, first, *options), tmp_path, "first.log")
     pid = wait_for_rank(first, 1, 8, run)  # mid-way through the third epoch
     os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    code = run.wait(timeout=120)
-    stopped_after = time.monotonic() - killed
+    code = run.wait()
     output = (tmp_path / "first.log").read_text()
-    assert code == 1 and stopped_after < 60, (code, stopped_after, output[-3000:])
+    assert code == 1, (code, output[-3000:])
     assert "macsc: error: rank 0: a collective operation with the other ranks failed" in output
+    error = next(line for line in output.splitlines() if line.startswith("macsc: error:"))
+    assert "Connection closed by peer" in error or "Connection reset by peer" in error, error
     assert "Resume with --ckpt_path last" in output
     last = next(first.rglob("last.ckpt"))
     saved_at = checkpoint(last)["global_step"]
