@@ -76,6 +76,7 @@ SCOPE: dict[str, Part] = {
     "macsc/method/heads/span.py": Part(("*",), HEADS),
     "macsc/method/heads/records.py": Part(("*",), HEADS),
     "macsc/squad/features.py": Part(("*",), (POSTPROCESS, FEATURES, SPAN, SQUAD_EDGES)),
+    "macsc/squad/postprocess.py": Part(("*",), (POSTPROCESS, FEATURES, SPAN, SQUAD_EDGES)),
     # the scoring, not the command line, the reading of files or the plots around it
     "macsc/squad/metric.py": Part(
         tuple(
