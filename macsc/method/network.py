@@ -230,14 +230,14 @@ class MaCSCNetwork(nn.Module):
         inputs = {
             k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch
         }
-        text = self.encoder(**inputs).last_hidden_state
-        mask = batch["attention_mask"]
+        text = self.encoder(**inputs).last_hidden_state  # H^t: (B, l, d)
+        mask = batch["attention_mask"]  # (B, l)
         enhanced_text, prototypes, masks = [], [], []
         for name in self.modalities[1:]:
-            source = self.prototypes_of(batch, name)
+            source = self.prototypes_of(batch, name)  # H^m: (B, n_m, d_m), mask (B, n_m)
             text_m, proto_m = self.enhancers[name](
                 text, mask, source.features, source.mask, text_rows=rows
-            )
+            )  # Ĥ^t_m: (B, l, d), or (B, r, d) for the rows asked; Ĥ^m: (B, n_m, d)
             enhanced_text.append(text_m)
             prototypes.append(proto_m)
             masks.append(source.mask)

@@ -153,15 +153,16 @@ def gather_batch(
     # (with zeros, which no position of a shorter sample carries anyway)
     length = torch.tensor(distributions.shape[-1], device=distributions.device)
     longest = int(devices.all_gather(length).max())
-    distributions = F.pad(distributions, (0, longest - distributions.shape[-1]))
-    local = features + (features - features.detach()) * (world - 1)
+    distributions = F.pad(distributions, (0, longest - distributions.shape[-1]))  # (M, B, ..., C')
+    local = features + (features - features.detach()) * (world - 1)  # (M, B, D), gradient x W
     gathered = devices.all_gather(features.detach().transpose(0, 1).contiguous())  # (W, B, M, D)
     gathered = torch.cat(
         [local.transpose(0, 1) if r == rank else gathered[r] for r in range(world)]
-    )
+    )  # (W*B, M, D)
     dists = devices.all_gather(distributions.transpose(0, 1).contiguous()).flatten(0, 1)
-    all_keys = devices.all_gather(keys).flatten()
+    # dists: (W*B, M, ..., C')
+    all_keys = devices.all_gather(keys).flatten()  # (W*B,)
     if identity_positives:
         offset = torch.arange(world, device=keys.device).repeat_interleave(keys.numel())
         all_keys = all_keys + offset * keys.numel()
-    return gathered.transpose(0, 1), dists.transpose(0, 1), all_keys
+    return gathered.transpose(0, 1), dists.transpose(0, 1), all_keys  # (M, W*B, D), ...
