@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from macsc.errors import CheckpointError
@@ -188,3 +189,81 @@ class LastCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+#: the checkpoint entry with the head options as they took effect (``TaskHead.recorded_options``)
+HEAD_OPTIONS_KEY = "macsc_head_options"
+
+
+class CheckpointedModule(L.LightningModule):
+    """How the MaCSC LightningModule (:class:`macsc.training.module.MaCSC`, which sets
+    ``network``, ``head``, ``modalities`` and ``spec``) reads and writes checkpoints: safely,
+    from earlier layouts, with a one-line error for another architecture, and with the head
+    options it ran with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checkpoint_hparams: dict[str, Any] = {}
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> CheckpointedModule:
+        """Lightning's ``load_from_checkpoint``, made safe: the file is read with
+        ``weights_only=True``, so one whose unpickling would run code is refused with a
+        :class:`CheckpointError` unless ``trust_checkpoint=True``; a missing, damaged or
+        mismatched checkpoint is a CheckpointError too. (``macsc fit --ckpt_path`` follows the
+        same rule; there ``--weights_only false`` is the trust option.)"""
+        if not trust_checkpoint and is_local(checkpoint_path):
+            check_checkpoint_is_safe(checkpoint_path, how_to_trust="pass trust_checkpoint=True")
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location,
+            hparams_file,
+            strict,
+            weights_only=not trust_checkpoint,
+            **kwargs,
+        )
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` that also reads checkpoints of earlier layouts
+        (:func:`macsc.training.checkpoints.upgrade_state_dict`), and reports a checkpoint of another
+        architecture (another backbone width, other modalities or task) in one line naming the
+        mismatched keys and the checkpoint's settings, not torch's page of keys."""
+        state_dict = upgrade_state_dict(state_dict)
+        saved = {
+            key: self._checkpoint_hparams[key]
+            for key in ("backbone", "modalities", "task")
+            if key in self._checkpoint_hparams
+        }
+        encoder = (
+            f"text tower {self.network.backbone.description}"
+            if self.network.is_text_tower
+            else f"backbone {self.hparams.backbone!r}"
+        )
+        describe = f"{encoder}, modalities {self.modalities}, task {self.spec.kind}"
+        error = mismatch_error(self.state_dict(), state_dict, strict, describe, saved)
+        if error is not None:
+            raise error
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the head options as they took effect, so that a later default cannot change what a
+        # checkpoint loads as; beside the hyperparameters, which load_from_checkpoint's keyword
+        # overrides rewrite
+        checkpoint[HEAD_OPTIONS_KEY] = self.head.recorded_options()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})
+        if note is not None:
+            rank_zero_info(note)
+        # only when resuming a run: load_from_checkpoint has already mixed its keyword
+        # overrides into these hyperparameters, and starts no training
+        if self._trainer is not None:
+            self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})

@@ -26,10 +26,8 @@ from macsc.paths import resolve_pretrained
 from macsc.prototypes import PrototypeExtractor
 from macsc.task import TaskSpec
 from macsc.training.checkpoints import (
+    CheckpointedModule,
     check_checkpoint_is_safe,
-    is_local,
-    mismatch_error,
-    upgrade_state_dict,
 )
 from macsc.training.guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
 from macsc.training.heatmaps import ModalityWeightHeatmaps
@@ -47,8 +45,6 @@ __all__ = ["DEFAULT_PROTOTYPES", "MaCSC", "ModelOutput", "check_checkpoint_is_sa
 
 #: what each evaluation stage is called in metric names and files
 STAGES = {"validate": "val", "test": "test", "predict": "predict"}
-#: the checkpoint entry with the head options as they took effect (``TaskHead.recorded_options``)
-HEAD_OPTIONS_KEY = "macsc_head_options"
 
 
 @dataclass
@@ -67,7 +63,7 @@ class ModelOutput:
         return self.head.features
 
 
-class MaCSC(L.LightningModule):
+class MaCSC(CheckpointedModule):
     """MaCSC fine-tuning of any Hugging Face encoder (or encoder-decoder, for generation).
 
     Args:
@@ -199,7 +195,6 @@ class MaCSC(L.LightningModule):
             reduction=reduction,
             gather_across_devices=gather_across_devices,
         )
-        self._checkpoint_hparams: dict[str, Any] = {}
         self._updated: set[str] = set()
         self.metrics = torch.nn.ModuleDict(
             {
@@ -435,70 +430,6 @@ class MaCSC(L.LightningModule):
             "epoch": trainer.current_epoch,
         }
         write_evaluation(log_dir, stage, name, summary, result)
-
-    # -------------------------------------------------------------------------- checkpoints
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | Path,
-        map_location: Any = None,
-        hparams_file: str | Path | None = None,
-        strict: bool | None = None,
-        trust_checkpoint: bool = False,
-        **kwargs: Any,
-    ) -> MaCSC:
-        """Lightning's ``load_from_checkpoint``, made safe: the file is read with
-        ``weights_only=True``, so one whose unpickling would run code is refused with a
-        :class:`CheckpointError` unless ``trust_checkpoint=True``; a missing, damaged or
-        mismatched checkpoint is a CheckpointError too. (``macsc fit --ckpt_path`` follows the
-        same rule; there ``--weights_only false`` is the trust option.)"""
-        if not trust_checkpoint and is_local(checkpoint_path):
-            check_checkpoint_is_safe(checkpoint_path, how_to_trust="pass trust_checkpoint=True")
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location,
-            hparams_file,
-            strict,
-            weights_only=not trust_checkpoint,
-            **kwargs,
-        )
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict`` that also reads checkpoints of earlier layouts
-        (:func:`macsc.training.checkpoints.upgrade_state_dict`), and reports a checkpoint of another
-        architecture (another backbone width, other modalities or task) in one line naming the
-        mismatched keys and the checkpoint's settings, not torch's page of keys."""
-        state_dict = upgrade_state_dict(state_dict)
-        saved = {
-            key: self._checkpoint_hparams[key]
-            for key in ("backbone", "modalities", "task")
-            if key in self._checkpoint_hparams
-        }
-        encoder = (
-            f"text tower {self.network.backbone.description}"
-            if self.network.is_text_tower
-            else f"backbone {self.hparams.backbone!r}"
-        )
-        describe = f"{encoder}, modalities {self.modalities}, task {self.spec.kind}"
-        error = mismatch_error(self.state_dict(), state_dict, strict, describe, saved)
-        if error is not None:
-            raise error
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the head options as they took effect, so that a later default cannot change what a
-        # checkpoint loads as; beside the hyperparameters, which load_from_checkpoint's keyword
-        # overrides rewrite
-        checkpoint[HEAD_OPTIONS_KEY] = self.head.recorded_options()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})
-        if note is not None:
-            rank_zero_info(note)
-        # only when resuming a run: load_from_checkpoint has already mixed its keyword
-        # overrides into these hyperparameters, and starts no training
-        if self._trainer is not None:
-            self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
 
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
