@@ -50,6 +50,13 @@ def bad_value(message: str, first: str) -> str:
     key = re.match(r'Parser key "([\w.\-]+)"', first)
     if key is None:
         return first[:300]
+    path = re.search(r"(File does not exist|Path is not a file): '(.*)'", first)
+    if path is not None:
+        what = "does not exist" if path.group(1).startswith("File") else "is not a file"
+        return (
+            f"option {key.group(1)!r}: {path.group(2)!r} {what}; give the path of a YAML file "
+            f"(relative to the current folder, {str(Path.cwd())!r})"
+        )
     expected = re.findall(r"- Expected an? <class '(\w+)'>", message)
     expected = [name for name in expected if name != "NoneType"]
     given = re.search(r"Given value: (.*)", message)

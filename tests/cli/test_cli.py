@@ -226,6 +226,20 @@ def test_a_typo_in_a_config_file_is_one_line_too(tiny_backbone, tmp_path, capsys
     assert len(err) == 1 and "did you mean 'model.lambda_msb'?" in err[0]
 
 
+@pytest.mark.parametrize("given", ["missing.yaml", "a_folder"])
+def test_a_config_file_that_is_not_there_is_named(tmp_path, monkeypatch, capsys, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_folder").mkdir()
+    demo = str(ROOT / "lightning_configs" / "demo.yaml")
+    assert main(["fit", "--config", demo, "--config", given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    what = "does not exist" if given == "missing.yaml" else "is not a file"
+    assert err == [
+        f"macsc: error: option 'config': {str(tmp_path / given)!r} {what}; give the path of a "
+        f"YAML file (relative to the current folder, {str(tmp_path)!r})"
+    ]
+
+
 def test_missing_data_file_names_it(tiny_backbone, tmp_path, capsys):
     config = tmp_path / "glue.yaml"
     config.write_text(
