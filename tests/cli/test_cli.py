@@ -2,6 +2,9 @@
 checkpoints reload, DDP (gloo) runs, and bad input stops with one clear line."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -402,3 +405,21 @@ def test_your_own_table_data_through_a_config(tiny_backbone, tmp_path):
     assert {r["gold"] for r in records} == {"good", "bad"} and records[0][
         "text"
     ] == "the food was great"
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`macsc report --list-rows | head`: the reader closes the pipe; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has exited
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "macsc.cli", "report", "--list-rows"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
