@@ -90,6 +90,12 @@ def _verdict(record: dict[str, Any], metric: str, threshold: float, where: str) 
             )
         return value >= threshold
     value = record.get("correct")
+    if value is None and record.get("gold") is None:
+        raise DataError(
+            f"{where}: 'correct' is null because the split has no gold labels or answers (a "
+            "predict run on an unlabelled split): compare runs evaluated on a labelled split "
+            "(`macsc validate`, or predict with --data.init_args.predict_on validation)"
+        )
     if value is None:
         raise DataError(
             f"{where}: 'correct' is null, so there is no right or wrong to compare "

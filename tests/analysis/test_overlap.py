@@ -145,7 +145,8 @@ def test_duplicate_lines_count_once_and_conflicting_ones_are_refused(tmp_path, c
             "the runs cover different ids on split 'validation': a has 10, b has 8 (only in a: '8', '9')",
         ),
         ("no file", "has no predictions-<split>.jsonl"),
-        ("null", "'correct' is null"),
+        ("null", "'correct' is null, so there is no right or wrong to compare (generation"),
+        ("unlabelled", "'correct' is null because the split has no gold labels or answers"),
         ("two splits", "several splits (test, validation); choose one with --split"),
         ("missing split", "has no predictions-test.jsonl (it has validation)"),
         ("one run", "give at least two runs to compare"),
@@ -164,6 +165,9 @@ def test_errors_are_one_line(tmp_path, capsys, case, message):
         b.mkdir()
     elif case == "null":
         write_run(b, "validation", [{**line, "correct": None} for line in classification(set())])
+    elif case == "unlabelled":
+        lines = [{**line, "gold": None, "correct": None} for line in classification(set())]
+        write_run(b, "validation", lines)
     elif case == "two splits":
         write_run(a, "test", classification({1}))
         write_run(b, "validation", classification({1}))
