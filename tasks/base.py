@@ -27,13 +27,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from macsc.errors import ConfigError, DataError
 from macsc.paths import load_tokenizer
@@ -48,76 +47,19 @@ from macsc.prototypes import (
 from macsc.task import TaskSpec
 from tasks.collate import Collator
 from tasks.labels import has_classes, label_classes
-from tasks.sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
+from tasks.sampling import (
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    ResumableSampler,
+    fraction_indices,
+    training_indices,
+    warn_if_few_batches,
+)
+from tasks.splits import EncodedSplit, TextSplit
+
+__all__ = ["EncodedSplit", "MaCSCDataModule", "TextSplit", "fraction_indices"]
 
 ROLES = ("train", "validation", "test")
-
-
-@dataclass
-class TextSplit:
-    """The raw examples of one split.
-
-    name: the split's name (``train``, ``validation_matched``, ...).
-    source: where it was read from (a file or a hub dataset), named in error messages.
-    segments: one list of ``N`` texts per segment column (two for pair tasks).
-    labels: ``N`` labels (int class indices or float scores), or None when the split is unlabelled.
-    ids: ``N`` ids of the examples as the source gives them (GLUE's ``idx``), or None; written
-        in prediction records, which otherwise use the example's position. The data module
-        fills None with each example's position in its split (before ``data_fraction``), so
-        every example read has an id (image features are keyed by it).
-    """
-
-    name: str
-    source: str
-    segments: list[list[str]]
-    labels: list[int] | list[float] | None = None
-    ids: list[Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self.segments[0])
-
-    def subset(self, indices: list[int]) -> TextSplit:
-        """The examples at ``indices``, in that order."""
-        return TextSplit(
-            self.name,
-            self.source,
-            [[texts[i] for i in indices] for texts in self.segments],
-            None if self.labels is None else [self.labels[i] for i in indices],
-            None if self.ids is None else [self.ids[i] for i in indices],
-        )
-
-
-def fraction_indices(size: int, fraction: float, seed: int) -> list[int]:
-    """Sorted indices of a seeded random ``fraction`` of ``size`` examples (at least one).
-
-    Depends only on ``(size, fraction, seed)``, so every DDP rank, and ``prepare_data`` and
-    ``setup``, pick the same subset.
-    """
-    if fraction >= 1.0:
-        return list(range(size))
-    count = max(1, round(size * fraction))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-class EncodedSplit(Dataset):
-    """Tokenised examples of one split: one dict of python values per item, unpadded.
-
-    columns: field name -> ``N`` values; ``input_ids`` (and ``token_type_ids``) hold lists of
-    ints, every other field one scalar per example (``example_index``, ``labels``, ...).
-    """
-
-    def __init__(self, columns: dict[str, list]) -> None:
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(self.columns["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {name: values[index] for name, values in self.columns.items()}
-
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.columns["input_ids"]]
 
 
 class MaCSCDataModule(L.LightningDataModule):
@@ -130,6 +72,10 @@ class MaCSCDataModule(L.LightningDataModule):
         max_length: longest tokenised input; longer inputs are truncated (pairs: longest first).
         data_fraction: the fraction of the training split to use, in (0, 1] (the paper's 5%
             low-resource setting is 0.05); a seeded random subset, the same on every rank.
+        max_train_examples: at most this many training examples (after ``data_fraction``), a
+            seeded random subset; None uses them all. For smoke tests
+            (``lightning_configs/cpu.yaml``): a split this size or smaller is used whole.
+            A cut that leaves fewer than ``tasks.sampling.FEW_BATCHES`` batches is warned about.
         seed: seed of the subset and of the training shuffle.
         prototype_batch_size: texts per extractor call when filling the prototype cache.
         cache_dir: prototype cache folder; None uses ``$MACSC_CACHE`` or ``~/.cache/macsc``,
@@ -149,6 +95,7 @@ class MaCSCDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_length: int = 128,
         data_fraction: float = 1.0,
+        max_train_examples: int | None = None,
         seed: int = 42,
         prototype_batch_size: int = 64,
         cache_dir: bool | str | None = None,
@@ -174,6 +121,7 @@ class MaCSCDataModule(L.LightningDataModule):
             ("eval_batch_size", eval_batch_size),
             ("max_length", max_length),
             ("prototype_batch_size", prototype_batch_size),
+            ("max_train_examples", 1 if max_train_examples is None else max_train_examples),
         ):
             if value < 1:
                 raise ConfigError(f"data option {option}={value} must be a positive integer")
@@ -182,6 +130,7 @@ class MaCSCDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_length = max_length
         self.data_fraction = data_fraction
+        self.max_train_examples = max_train_examples
         self.seed = seed
         self.prototype_batch_size = prototype_batch_size
         self.cache_dir = cache_dir
@@ -199,6 +148,12 @@ class MaCSCDataModule(L.LightningDataModule):
     # What a task declares.
 
     @property
+    def run_name(self) -> str:
+        """The name of the task's run folders (``runs/<run_name>/version_N``), which the
+        ``macsc`` command gives a logger whose name is not configured."""
+        return str(getattr(self, "task", None) or type(self).__name__)
+
+    @property
     def task_spec(self) -> TaskSpec:
         """What the task produces; known at construction, before any data is read."""
         raise NotImplementedError
@@ -213,6 +168,24 @@ class MaCSCDataModule(L.LightningDataModule):
     def load_split(self, name: str) -> TextSplit:
         """Read split ``name``; raise :class:`DataError` when it is missing or malformed."""
         raise NotImplementedError
+
+    def missing_split(self, name: str, available: list[str]) -> DataError:
+        """The error for a split ``data_files`` lacks; for a test split, it names the option
+        that would evaluate or predict on the validation split instead."""
+        advice = f"add data_files.{name}=PATH"
+        if name in self.split_names("test"):
+            stage = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+            stage = getattr(stage, "value", stage)
+            options = [
+                f"--data.init_args.{option} validation"
+                for option, role, reads in (
+                    ("predict_on", self.predict_on, "predict"),
+                    ("test_on", self.test_on, "test"),
+                )
+                if role == "test" and stage in (reads, None)
+            ]
+            advice += f", or use the validation split: {' or '.join(options)}" if options else ""
+        return DataError(f"no {name!r} split: data_files has only {available}; {advice}")
 
     def encode(self, split: TextSplit) -> EncodedSplit:
         """Tokenise a split (one or two segments), unpadded, truncated to ``max_length``."""
@@ -386,7 +359,7 @@ class MaCSCDataModule(L.LightningDataModule):
             if split.ids is None:  # positions in the whole split, which a subset keeps
                 split = dataclasses.replace(split, ids=list(range(len(split))))
             if name == "train":
-                split = split.subset(fraction_indices(len(split), self.data_fraction, self.seed))
+                split = self._cut_training_split(split)
             self._texts[name] = split
         split = self._texts[name]
         if needs_labels and split.labels is None:
@@ -396,6 +369,17 @@ class MaCSCDataModule(L.LightningDataModule):
                 "(data option test_on=validation evaluates on the labelled validation split)"
             )
         return split
+
+    def _cut_training_split(self, split: TextSplit) -> TextSplit:
+        """The training examples in use (:func:`tasks.sampling.training_indices`), with a
+        warning when the cut leaves only a few batches an epoch."""
+        indices, cuts = training_indices(
+            len(split), self.data_fraction, self.max_train_examples, self.seed
+        )
+        trainer = getattr(self, "trainer", None)
+        world_size = trainer.world_size if trainer is not None else 1
+        warn_if_few_batches(len(indices), len(split), cuts, self.batch_size, world_size)
+        return split.subset(indices) if cuts else split
 
     def _prototype_tables(self, name: str, split: TextSplit) -> dict[str, list[PrototypeTable]]:
         """modality -> one table per segment column, for every cacheable extractor; one table

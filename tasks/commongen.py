@@ -185,10 +185,7 @@ class CommonGenDataModule(MaCSCDataModule):
             source = str(Path(self.data_files[name]).expanduser())
             examples = read_examples(source)
         else:
-            raise DataError(
-                f"no {name!r} split: data_files has only {sorted(self.data_files)}; "
-                f"add data_files.{name}=PATH"
-            )
+            raise self.missing_split(name, sorted(self.data_files))
         if name == "train":
             return training_split(name, source, examples)
         return evaluation_split(name, source, examples)

@@ -288,9 +288,16 @@ def rows_to_split(
     if None in segment_columns or (needs_labels and label_column is None):
         expected = [" or ".join(names) for names in fmt.segments]
         expected.append(" or ".join(fmt.label_columns) + " (absent in test files)")
+        if GLUE_FORMATS.get(fmt.name) is fmt:
+            advice = "see the task's official GLUE TSV header or the Hugging Face names"
+        else:  # the user's own table
+            advice = (
+                "rename the file's columns, or name yours in data option table_format "
+                "(segments, label_columns)"
+            )
         raise DataError(
             f"{source} has columns {columns}, but the {fmt.name} {name} split needs the columns "
-            f"{expected}; see the task's official GLUE TSV header or the Hugging Face names"
+            f"{expected}; {advice}"
         )
     segments: list[list[str]] = [[] for _ in segment_columns]
     labels, ids = [], []
@@ -376,10 +383,7 @@ class TableDataModule(MaCSCDataModule):
         if self.data_files is None:
             return self._hub_split(name)
         if name not in self.data_files:
-            raise DataError(
-                f"no {name!r} split: data_files has only {sorted(self.data_files)}; "
-                f"add data_files.{name}=PATH"
-            )
+            raise self.missing_split(name, sorted(self.data_files))
         path = Path(self.data_files[name]).expanduser()
         if not path.is_file():
             raise DataError(f"{path} does not exist; check data_files.{name}")
@@ -454,3 +458,8 @@ class GLUEDataModule(TableDataModule):
             hub_config=table_format.name,
             **options,
         )
+
+    @property
+    def run_name(self) -> str:
+        """``glue_<task>``: the run folders of the shipped configs (``runs/glue_sst2/``)."""
+        return f"glue_{self.table_format.name}"

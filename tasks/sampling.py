@@ -1,4 +1,7 @@
-"""The training order and the loader that can resume it mid-epoch.
+"""Which training examples are used, the training order, and the loader that can resume it
+mid-epoch.
+
+:func:`training_indices` picks the examples ``data_fraction`` and ``max_train_examples`` keep.
 
 :class:`ResumableSampler` (and :class:`LengthGroupedSampler`) fix the order of every epoch from
 ``(seed, epoch)`` alone; :class:`ResumableDataLoader` counts the batches it has handed out in
@@ -16,6 +19,61 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
+
+#: fewer training batches an epoch than this, because data_fraction or max_train_examples cut
+#: the split, is warned about: the run would train on a sliver of the data
+FEW_BATCHES = 4
+
+
+def fraction_indices(size: int, fraction: float, seed: int) -> list[int]:
+    """Sorted indices of a seeded random ``fraction`` of ``size`` examples (at least one).
+
+    Depends only on ``(size, fraction, seed)``, so every DDP rank, and ``prepare_data`` and
+    ``setup``, pick the same subset.
+    """
+    if fraction >= 1.0:
+        return list(range(size))
+    return sample_indices(size, max(1, round(size * fraction)), seed)
+
+
+def sample_indices(size: int, count: int, seed: int) -> list[int]:
+    """Sorted indices of a seeded random ``count`` of ``size`` examples (all when ``count``
+    is ``size`` or more); depends only on ``(size, count, seed)``."""
+    if count >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
+
+
+def training_indices(
+    size: int, fraction: float, max_examples: int | None, seed: int
+) -> tuple[list[int], list[str]]:
+    """The training examples in use out of ``size``: a ``fraction`` of them, then at most
+    ``max_examples`` of those; and the options that cut something (``data_fraction=0.02``),
+    none when every example is used."""
+    indices, cuts = list(range(size)), []
+    if fraction < 1.0:
+        indices = fraction_indices(size, fraction, seed)
+        cuts.append(f"data_fraction={fraction:g}")
+    if max_examples is not None and len(indices) > max_examples:
+        indices = [indices[i] for i in sample_indices(len(indices), max_examples, seed)]
+        cuts.append(f"max_train_examples={max_examples}")
+    return indices, cuts
+
+
+def warn_if_few_batches(
+    used: int, total: int, cuts: list[str], batch_size: int, world_size: int = 1
+) -> None:
+    """Warn, naming the options in ``cuts``, when they leave fewer than :data:`FEW_BATCHES`
+    batches an epoch of the ``total`` training examples."""
+    batches = -(-used // (batch_size * world_size))
+    if cuts and used < total and batches < FEW_BATCHES:
+        rank_zero_warn(
+            f"data option {' and '.join(cuts)} leaves {used} of the {total} training examples: "
+            f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} an epoch; raise it "
+            "(--data.init_args.data_fraction 1.0 and --data.init_args.max_train_examples null "
+            "use every example)"
+        )
 
 
 class ResumableSampler(DistributedSampler):

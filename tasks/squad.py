@@ -188,6 +188,11 @@ class SquadDataModule(MaCSCDataModule):
         return f"squad_v{self.version}"
 
     @property
+    def run_name(self) -> str:
+        """``squad_v1`` or ``squad_v2``: the run folders of the shipped configs."""
+        return f"squad_v{self.version[0]}"
+
+    @property
     def version_2(self) -> bool:
         return self.version == "2.0"
 
@@ -208,10 +213,7 @@ class SquadDataModule(MaCSCDataModule):
             if not Path(source).is_file():
                 raise DataError(f"{source} does not exist; check data_files.{name}")
         else:
-            raise DataError(
-                f"no {name!r} split: data_files has only {sorted(self.data_files)}; "
-                f"add data_files.{name}=PATH"
-            )
+            raise self.missing_split(name, sorted(self.data_files))
         examples = load_squad(source, name)
         if not self.version_2:
             _check_answerable(examples, source)

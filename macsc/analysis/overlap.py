@@ -90,6 +90,12 @@ def _verdict(record: dict[str, Any], metric: str, threshold: float, where: str) 
             )
         return value >= threshold
     value = record.get("correct")
+    if value is None and record.get("gold") is None:
+        raise DataError(
+            f"{where}: 'correct' is null because the split has no gold labels or answers (a "
+            "predict run on an unlabelled split): compare runs evaluated on a labelled split "
+            "(`macsc validate`, or predict with --data.init_args.predict_on validation)"
+        )
     if value is None:
         raise DataError(
             f"{where}: 'correct' is null, so there is no right or wrong to compare "
@@ -158,8 +164,9 @@ def run_labels(folders: list[Path], names: dict[Path, str]) -> list[str]:
             except DataError:
                 label = None
         labels.append(label or f"{folder.parent.name}/{folder.name}")
+    shared = {label for label in labels if labels.count(label) > 1}
     for index, label in enumerate(labels):
-        if labels.count(label) > 1 and folders[index].resolve() not in names:
+        if label in shared and folders[index].resolve() not in names:
             labels[index] = f"{label} [{folders[index].parent.name}/{folders[index].name}]"
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two runs have the same name {labels}; give distinct --name labels")
@@ -215,8 +222,32 @@ def write_csv(path: str | Path, labels: list[str], matrix: list[list[float]]) ->
             writer.writerow([label, *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
 
 
+#: the longest line of a run's name in the heatmap; longer names are wrapped
+LABEL_WIDTH = 28
+
+
+def wrap_label(label: str, width: int = LABEL_WIDTH) -> str:
+    """``label`` on lines of at most ``width`` characters, broken after a space, a comma or an
+    opening parenthesis where it can (a run name such as ``MiniLM T+I+A+V
+    prototypes=mixed(image=...,audio=gaussian)`` has few spaces), inside a word where not."""
+    import re
+
+    lines = [""]
+    for piece in re.findall(r"[^ ,(]+[ ,(]*|[ ,(]+", label):
+        while len(piece.rstrip()) > width:  # a word longer than a line: cut it
+            if lines[-1]:
+                lines.append("")
+            lines[-1], piece = piece[:width], piece[width:]
+            lines.append("")
+        if len((lines[-1] + piece).rstrip()) > width and lines[-1]:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
 def overlap_heatmap(labels: list[str], matrix: list[list[float]], title: str) -> Any:
-    """A matplotlib figure of ``O`` like the paper's Figure 4, values written in the cells."""
+    """A matplotlib figure of ``O`` like the paper's Figure 4, values written in the cells;
+    run names wrapped at :data:`LABEL_WIDTH` characters."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -225,11 +256,14 @@ def overlap_heatmap(labels: list[str], matrix: list[list[float]], title: str) ->
 
     values = np.ma.masked_invalid(np.array(matrix, dtype=float))
     size = len(labels)
-    figure, axes = plt.subplots(figsize=(0.9 * size + 3, 0.8 * size + 2))
+    wrapped = [wrap_label(label) for label in labels]
+    lines = max(text.count("\n") + 1 for text in wrapped)
+    cell = max(0.8, 0.25 * lines)  # inches per row and column: room for a wrapped name
+    figure, axes = plt.subplots(figsize=(cell * size + 4, cell * size + 0.12 * lines + 2))
     colours = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
     image = axes.imshow(values, cmap=colours, vmin=0.0, vmax=1.0)
-    axes.set_xticks(range(size), labels, rotation=45, ha="right")
-    axes.set_yticks(range(size), labels)
+    axes.set_xticks(range(size), wrapped, rotation=90)
+    axes.set_yticks(range(size), wrapped)
     axes.set_xlabel("M2")
     axes.set_ylabel("M1")
     axes.set_title(title)

@@ -323,7 +323,7 @@ def load_masked_lm(name: str) -> nn.Module:
         raise ConfigError(
             f"{name!r} has no masked-LM weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}"
             ": its MLM head would be random; give a checkpoint saved with its MLM head "
-            "(e.g. bert-base-uncased)"
+            "(e.g. bert-base-uncased; offline, a random one: `macsc tiny-model bert-mlm DIR`)"
         )
     return model.eval()
 
@@ -412,8 +412,20 @@ def macsc_scorer(
     for extractor in model.extractors.values():
         extractor.to(device)
     head_name = head_from or model.backbone_name
-    head = mlm_head(load_masked_lm(head_name), head_name).to(device)
     width = model.network.hidden_size
+    try:
+        masked_lm = load_masked_lm(head_name)
+    except ConfigError as error:
+        if head_from is not None:
+            raise
+        raise ConfigError(
+            f"the checkpoint's backbone {model.hparams.backbone!r} has no masked-LM head to "
+            f"score with ({first_line(error)[:120]}...); pass --mlm-head with a masked LM of "
+            f"width {width} and the backbone's vocabulary, or offline a random one (its scores "
+            f"mean nothing): `macsc tiny-model bert-mlm DIR --hidden-size {width}`, then "
+            "--mlm-head DIR"
+        ) from error
+    head = mlm_head(masked_lm, head_name).to(device)
     head_width = next(p for p in head.parameters() if p.dim() == 2).shape[1]
     if head_width != width:
         raise ConfigError(

@@ -28,6 +28,7 @@ from macsc.analysis.runs import (
     data_fraction,
     find_run_folders,
     load_run,
+    max_train_examples,
     metric_value,
     parse_names,
     row_id,
@@ -124,6 +125,7 @@ def match_run(
     metrics_task = next(iter(run.metrics.values())).get("task")
     task = task_key(run.config, metrics_task)
     fraction = data_fraction(run.config)
+    cap = max_train_examples(run.config)  # a smoke test's cut: no column of the paper's
     settings = training_settings(run.config)
     outcome = RunOutcome(run, identity)
     task_tables, row_tables, missing = [], [], []
@@ -131,7 +133,9 @@ def match_run(
         columns = [
             c
             for c in table["columns"]
-            if c.get("task") == task and abs(c.get("fraction", 1.0) - fraction) < 1e-9
+            if c.get("task") == task
+            and abs(c.get("fraction", 1.0) - fraction) < 1e-9
+            and cap is None
         ]
         if not columns:
             continue
@@ -149,8 +153,10 @@ def match_run(
                 continue
             outcome.fills.append(Fill(table["table"], row["id"], column["id"], *found, settings))
     if not outcome.fills:
+        where = f" at data_fraction {fraction:g}" if fraction != 1.0 else ""
+        where += f" on at most {cap} training examples (max_train_examples)" if cap else ""
         outcome.reason = _why_unmatched(
-            identity, task, fraction, task_tables, row_tables, missing, selected, tables
+            identity, task, where, task_tables, row_tables, missing, selected, tables
         )
     return outcome
 
@@ -158,7 +164,7 @@ def match_run(
 def _why_unmatched(
     identity: str,
     task: str | None,
-    fraction: float,
+    where: str,
     task_tables: list[int],
     row_tables: list[int],
     missing: list[str],
@@ -168,7 +174,6 @@ def _why_unmatched(
     if task is None:
         return "its config names no data module and its metrics files no task"
     if not task_tables:
-        where = f" at data_fraction {fraction:g}" if fraction != 1.0 else ""
         return f"task {task.removeprefix('other/')}{where} is in none of the paper's tables"
     if not row_tables:
         candidates = [r["id"] for t in tables if t["table"] in task_tables for r in t["rows"]]

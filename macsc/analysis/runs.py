@@ -350,6 +350,13 @@ def data_fraction(config: dict[str, Any] | None) -> float:
     return float(value if value is not None else 1.0)
 
 
+def max_train_examples(config: dict[str, Any] | None) -> int | None:
+    """The cap on training examples a run was given (``cpu.yaml``'s smoke tests), or None."""
+    options = _section(config, "data").get("init_args")
+    value = options.get("max_train_examples") if isinstance(options, dict) else None
+    return None if value is None else int(value)
+
+
 def display_name(config: dict[str, Any] | None) -> str | None:
     """A short human name for a run (``RoBERTa-base``, ``BERT-base T+I+A+V``,
     ``BERT-base T+I+A+V w/o L_msb``) from its config, or None without one."""

@@ -7,7 +7,8 @@ the official-style SQuAD evaluation;
 ``macsc commongen-eval ...`` scores CommonGen sentences as the CommonGen leaderboard does;
 ``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.analysis.report`,
 :mod:`macsc.analysis.overlap`, :mod:`macsc.analysis.weights`);
-``macsc probe ...`` runs the zero-shot visual-reasoning probes of paper Table 7.
+``macsc probe ...`` runs the zero-shot visual-reasoning probes of paper Table 7;
+``macsc tiny-model ...`` writes a small random model offline (CommonGen's T5, a masked LM).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
        macsc weights RUN_OR_CKPT [--out DIR]   the modality weights rho and pi_z of a checkpoint
        macsc probe (--model NAME | --ckpt RUN.ckpt | --clip '{kind: open_clip, ...}')
                    [--memory-color F] [--color-terms F] [--object-shape F|DIR] [--json OUT]
+       macsc tiny-model t5|bert-mlm|bert DIR [--hidden-size N]   a small random model, offline
+                                          (CommonGen's T5, the probes' masked LM)
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved, `macsc probe --help` for the probes' options."""
@@ -44,6 +47,7 @@ COMMANDS = {
     "report": "macsc.cli.report",
     "overlap": "macsc.cli.overlap",
     "weights": "macsc.cli.weights",
+    "tiny-model": "macsc.cli.tiny_model",
 }
 
 
@@ -60,12 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in COMMANDS:
             from importlib import import_module
 
-            return int(import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
+            status = int(import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+            return status
         from macsc.cli.lightning import run_lightning
 
         # LightningCLI warns when given args while sys.argv has some too
         run_lightning(None if from_command_line else argv)
         return 0
+    except BrokenPipeError:
+        # the reader stopped reading (`macsc report --list-rows | head`): stop quietly, as a
+        # shell tool does; what is still buffered goes nowhere instead of failing at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the status of a process ended by SIGPIPE
     except MacscError as error:
         print(f"macsc: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ subcommands, so ``macsc --help`` and the other subcommands stay fast.
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -50,6 +53,13 @@ def bad_value(message: str, first: str) -> str:
     key = re.match(r'Parser key "([\w.\-]+)"', first)
     if key is None:
         return first[:300]
+    path = re.search(r"(File does not exist|Path is not a file): '(.*)'", first)
+    if path is not None:
+        what = "does not exist" if path.group(1).startswith("File") else "is not a file"
+        return (
+            f"option {key.group(1)!r}: {path.group(2)!r} {what}; give the path of a YAML file "
+            f"(relative to the current folder, {str(Path.cwd())!r})"
+        )
     expected = re.findall(r"- Expected an? <class '(\w+)'>", message)
     expected = [name for name in expected if name != "NoneType"]
     given = re.search(r"Given value: (.*)", message)
@@ -158,7 +168,7 @@ class MacscCLI(LightningCLI):
         before LightningCLI reads the file for its hyperparameters, and the run is then held
         to ``weights_only``. A trusted file keeps the configured model settings: LightningCLI
         reads hyperparameters with ``weights_only=True`` only."""
-        from macsc.training.checkpoints import check_checkpoint_is_safe
+        from macsc.training.checkpoints import check_checkpoint_is_safe, check_resumable
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
@@ -170,71 +180,63 @@ class MacscCLI(LightningCLI):
         # Lightning's keywords ("last", "best", ...) and remote files are Lightning's to read
         local = "://" not in str(path)
         if Path(path).exists() or (local and Path(path).suffix == ".ckpt"):
-            check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
+            saved = check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
+            if subcommand == "fit":
+                check_resumable(saved, path)
         config["weights_only"] = True
         super()._parse_ckpt_path()
 
-    def _resolve_last(self) -> None:
-        """``--ckpt_path last``: the newest ``last*.ckpt`` of this experiment, in any of
-        its run folders (``<save_dir>/<name>/version_*/checkpoints``) or a configured
-        ``dirpath``. Lightning looks only in the new run's own folder, which is empty, and
-        then goes on without a checkpoint: training from scratch, or testing an untrained
-        model. Nothing found is an error here."""
-        from macsc.errors import CheckpointError
-        from macsc.training.checkpoints import check_checkpoint_is_safe
+    def instantiate_trainer(self, **kwargs):
+        """Name the run folder after the data and continue a run's folder for a checkpoint
+        of it (:mod:`macsc.cli.run_folders`), then build the Trainer."""
+        from macsc.cli.run_folders import place_run
 
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        folders = last_checkpoint_folders(self.trainer)
-        found = [
-            path
-            for folder in folders
-            for path in folder.glob("last*.ckpt")
-            if path.is_file() and not path.name.startswith(".")
-        ]
-        if not found:
-            where = ", ".join(str(f) for f in folders) or "no checkpoint folder"
-            raise CheckpointError(
-                f"--ckpt_path last: no last.ckpt in {where}; give the checkpoint's path"
-            )
-        config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
-        if config.get("weights_only") is not False:
-            check_checkpoint_is_safe(config["ckpt_path"], how_to_trust="pass --weights_only false")
-
-    before_fit = before_validate = before_test = before_predict = _resolve_last
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config_init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        place_run(config, config_init, self.datamodule, self.subcommand)
+        return super().instantiate_trainer(**kwargs)
 
 
-def last_checkpoint_folders(trainer) -> list[Path]:
-    """Where ``last.ckpt`` files of this experiment can be: every run folder of the logger's
-    experiment (``version_*/checkpoints``), each configured ``dirpath``, and the folder Lightning
-    uses without a logger."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+#: Lightning's messages that tell a macsc user nothing: an advertisement, a deprecation
+#: inside Lightning, the None every MaCSC predict_step returns (predictions are written to
+#: files), and the ModelCheckpoint state a checkpoint from another folder does not restore
+QUIET = (
+    "💡 Tip: ",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "predict returned None",
+    "The dirpath has changed from",
+)
 
-    folders = [
-        Path(callback.dirpath)
-        for callback in trainer.checkpoint_callbacks
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath
-    ]
-    root = getattr(trainer.logger, "root_dir", None)
-    if root:
-        folders += sorted(Path(root).glob("version_*/checkpoints"))
-    folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    return [folder for folder in dict.fromkeys(folders) if folder.is_dir()]
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.match(pattern, record.getMessage()) for pattern in QUIET)
 
 
 def run_lightning(args: list[str] | None, run: bool = True):
-    """Build (and by default run) the LightningCLI on ``args`` (None: the command line)."""
+    """Build (and by default run) the LightningCLI on ``args`` (None: the command line), with
+    the messages of :data:`QUIET` silenced."""
     from lightning import LightningDataModule
 
+    from macsc.cli.run_folders import RunConfigSaver
     from macsc.training.module import MaCSC
 
-    return MacscCLI(
-        MaCSC,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    quiet = _Quiet()
+    rank_zero_log.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            for pattern in QUIET:
+                warnings.filterwarnings("ignore", message=pattern)
+            return MacscCLI(
+                MaCSC,
+                LightningDataModule,
+                subclass_mode_data=True,
+                save_config_callback=RunConfigSaver,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                run=run,
+                auto_configure_optimizers=False,
+            )
+    finally:
+        rank_zero_log.removeFilter(quiet)

@@ -7,6 +7,7 @@ A plain ``nn.Module`` with no Lightning in it: it turns a batch into the branch 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,4 +334,20 @@ def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Modu
             f"cannot load the backbone {name!r}: {str(error).splitlines()[0]} -- give a local "
             "folder (save_pretrained layout) or a hub name, and run online once (or set "
             "HF_HOME to a cache that has it) before using HF_HUB_OFFLINE=1"
+        ) from error
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        found = re.search(r"configuration class (?:<class ')?([\w.]+)", str(error))
+        kind = found.group(1).split(".")[-1] if found else "its configuration"
+        if auto_class == "AutoModelForSeq2SeqLM":
+            raise ConfigError(
+                f"model.backbone {name!r} is an encoder-only model ({kind}), and "
+                "generation (CommonGen) needs an encoder-decoder: give --model.backbone t5-base "
+                "(or t5-small), or offline a small random one: `macsc tiny-model t5 DIR`, then "
+                "--model.backbone DIR"
+            ) from error
+        raise ConfigError(
+            f"model.backbone {name!r} ({kind}) cannot be loaded as {auto_class} for this task; "
+            "give a backbone of a kind transformers' AutoModel family lists"
         ) from error

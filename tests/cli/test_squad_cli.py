@@ -4,6 +4,9 @@ logs val/exact and val/f1 (fused and per branch), writes predictions.json and nu
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import string
 from pathlib import Path
 
 from macsc.cli import main
@@ -113,4 +116,38 @@ def test_squad_v2_fit_writes_predictions_and_logs_f1(tiny_backbone, tmp_path):
             ]
         )
         == 0
+    )
+
+
+def normalized(text: str) -> str:
+    """The official SQuAD answer normalisation, written out: lower case, no punctuation, no
+    articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def test_predict_on_a_split_with_answers_fills_gold_and_correct(tiny_backbone, tmp_path, capsys):
+    """SQuAD predicts on the validation split by default: its answers are known, so each record
+    has its gold answers and verdict (issue 21.4), and `macsc overlap` can compare such runs."""
+    data = squad_json(tmp_path / "squad.json")
+    args = squad_args(tiny_backbone, tmp_path, data)
+    assert main(["fit", *args, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]) == 0
+    (checkpoint,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert main(["predict", *args, f"--ckpt_path={checkpoint}"]) == 0
+    (records,) = (tmp_path / "runs").rglob("predictions-validation.jsonl")
+    lines = {line["id"]: line for line in map(json.loads, records.read_text().splitlines())}
+    assert {qid: line["gold"] for qid, line in lines.items()} == {
+        "paris": ["Paris"],
+        "mars": [],
+        "broncos": ["Denver Broncos"],
+    }
+    for qid, (_, _, answer) in QAS.items():
+        right = normalized(lines[qid]["prediction"]) == normalized(answer or "")
+        assert lines[qid]["correct"] is right and lines[qid]["exact"] == int(right), lines[qid]
+    other = tmp_path / "copy" / "version_0"
+    shutil.copytree(records.parent, other)
+    capsys.readouterr()
+    assert main(["overlap", str(records.parent), str(other)]) == 0
+    assert "overlap of correct predictions on validation (3 ids, correct)" in (
+        capsys.readouterr().out
     )

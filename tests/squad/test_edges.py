@@ -330,9 +330,13 @@ def test_prediction_without_labels_answers_with_the_given_threshold(version_2):
         assert scores.null_odds is None
 
 
-def test_predict_records_carry_no_gold_and_each_branchs_answer():
+@pytest.mark.parametrize("answers", ["known", "unknown"])
+def test_predict_records_carry_the_gold_the_split_has_and_each_branchs_answer(answers):
+    """Predict scores nothing, but a split with answers (SQuAD's dev set, predict's default)
+    gives each record its gold and verdict; a split with none (a test set) gives null."""
     span_head = head()
-    examples = [example("a", "Denver Broncos"), example("b", None)]
+    known = answers == "known"
+    examples = [example("a", "Denver Broncos" if known else None), example("b", None)]
     outputs = crafted_logits([(4, 5, 10.0), (7, 8, 10.0)], [0.0, 0.0])
     outputs[1, 0, 4, 0] = outputs[1, 0, 5, 1] = 0.0  # the image branch answers "a" differently
     outputs[1, 0, 7, 0] = outputs[1, 0, 8, 1] = 10.0
@@ -346,8 +350,17 @@ def test_predict_records_carry_no_gold_and_each_branchs_answer():
     data.span_evaluation = lambda stage, split: data.data  # predict asks for its own split
     result = span_head.compute_metrics(metrics, EvaluationContext("predict", "test", data))
     assert result.metrics == {}
-    first = result.records[0]
-    assert first["gold"] is None and first["correct"] is None and "exact" not in first
+    first, second = result.records
+    if known:  # "a" answered right; "b" (no answer) answered with a span: wrong
+        assert (first["gold"], first["correct"], first["exact"], first["f1"]) == (
+            ["Denver Broncos"],
+            True,
+            1,
+            1.0,
+        )
+        assert (second["gold"], second["correct"], second["exact"]) == ([], False, 0)
+    else:
+        assert first["gold"] is None and first["correct"] is None and "exact" not in first
     assert first["prediction"] == "Denver Broncos" and first["null_odds"] < 0
     assert first["branches"] == {"text": "Denver Broncos", "image": "Super Bowl"}
     assert [r["id"] for r in result.records] == ["a", "b"]

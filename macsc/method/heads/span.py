@@ -285,14 +285,17 @@ class SpanHead(TaskHead):
             fused = scores if branch == "fused" else fused
         assert fused is not None
         per_question = question_scores(data.examples, fused.predictions, data.version_2)
+        # a split with answers (predict on SQuAD's dev set, the default) gets its gold and
+        # verdicts in every stage; one with none at all (a test set) is unlabelled
+        answered = any(example["answers"]["text"] for example in data.examples)
         records = []
         for example in data.examples:
             qid = str(example["id"])
             if qid not in fused.predictions:
                 continue
-            record = {"id": qid, "gold": list(example["answers"]["text"]) if labelled else None}
+            record = {"id": qid, "gold": list(example["answers"]["text"]) if answered else None}
             record["prediction"] = fused.predictions[qid]
-            if labelled:
+            if answered:
                 exact, f1 = per_question[qid]
                 record.update(correct=exact == 1, exact=exact, f1=round(f1, 6))
             else:
