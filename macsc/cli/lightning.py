@@ -14,10 +14,6 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-# `macsc fit --help` shows each field of the option groups with its docstring
-# (macsc.method.options, macsc.training.optim.OptimizerOptions)
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
 
 def option_error(message: str, parser) -> str:
     """The argument parser's ``message`` as one line, with the closest valid option when it
@@ -336,6 +332,11 @@ def run_lightning(args: list[str] | None, run: bool = True):
 
     from macsc.training.module import MaCSC
 
+    # `macsc fit --help` shows each field of the option groups with its docstring (the
+    # dataclasses' attribute docstrings); reading them costs every start ~1 s, so only help does
+    wanted = sys.argv[1:] if args is None else args
+    asks_help = any(arg in ("-h", "--help") for arg in wanted)
+    set_parsing_settings(docstring_parse_attribute_docstrings=asks_help)
     return MacscCLI(
         MaCSC,
         LightningDataModule,
