@@ -7,7 +7,7 @@ head):
 
 - ``macsc``: MaCSC T+I+A+V with the paper's prototype shapes (``k = 8``; widths 512, 1024 and 512
   as CLIP, AudioCLIP and CLIP-ViP give), the enhancement modules and ``L_msb`` (``lambda = 0.2``);
-- ``text``: the text-only baseline, ``modalities: [text]``, ``lambda_msb: 0`` (plain fine-tuning:
+- ``text``: the text-only baseline, ``modalities: [text]``, ``objective.lambda_msb: 0`` (plain fine-tuning:
   the backbone and one linear head).
 
 The prototypes come from Gaussian sources of those shapes through the on-disk cache: what a
@@ -49,7 +49,7 @@ PAPER_PROTOTYPES = {
 TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "macsc": {"modalities": ["text", "image", "audio", "video"], "prototypes": PAPER_PROTOTYPES},
-    "text": {"modalities": ["text"], "lambda_msb": 0.0},
+    "text": {"modalities": ["text"], "objective": {"lambda_msb": 0.0}},
 }
 WORDS = (
     "the a of and to in is was he for it with as his on be at by had are but from or have an "

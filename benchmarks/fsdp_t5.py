@@ -94,8 +94,8 @@ def main() -> int:
         modalities=["text", "image", "audio", "video"],
         prototypes=PROTOTYPES,
         task={"kind": "generation", "num_labels": 1, "metrics": ["bleu_4"]},
-        enhancer_heads=8,
-        learning_rate=2e-5,
+        enhancer={"heads": 8},
+        optimizer={"learning_rate": 2e-5},
         head_options={"num_beams": 5, "max_new_tokens": 32},
     )
     parameters = sum(p.numel() for p in model.parameters())

@@ -178,7 +178,7 @@ def build_model(variant: str, backbone: str, seed: int = 0):
     return MaCSC(
         backbone=backbone,
         task=TASK,
-        enhancer_heads=8,
+        enhancer={"heads": 8},
         head_options=HEAD_OPTIONS,
         **VARIANTS[variant],
     ).train()

@@ -40,7 +40,7 @@ PROTOTYPES = {
 }
 TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
 VARIANTS = {
-    "text": {"modalities": ["text"], "lambda_msb": 0.0},
+    "text": {"modalities": ["text"], "objective": {"lambda_msb": 0.0}},
     "macsc": {"modalities": ["text", "image", "audio", "video"], "prototypes": PROTOTYPES},
 }
 

@@ -91,7 +91,7 @@ def run(shape: str = "bert-base", repeats: int = 20, steps: int = 3) -> dict[str
             states = text.model.backbone(**inputs).last_hidden_state.detach()
         states.requires_grad_(True)
         without = common.build_model("macsc", backbone=backbone).train()
-        without.calibration = None  # what lambda_msb: 0 builds
+        without.calibration = None  # what objective.lambda_msb: 0 builds
         models = {
             "text": text.model,
             "macsc without L_msb": without,

@@ -39,7 +39,7 @@ ROWS_FILE = Path(__file__).resolve().with_name("table_rows.yaml")
 DEFAULT_RUNS = "runs/tables"
 FIT_DONE, VALIDATE_DONE = "fit.done", "validate.done"
 #: how a grid point's folder name spells an option (others: the option's last component)
-SHORT_NAMES = {"model.learning_rate": "lr", "data.init_args.batch_size": "bs"}
+SHORT_NAMES = {"model.optimizer.learning_rate": "lr", "data.init_args.batch_size": "bs"}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def grid_points(row: dict) -> list[dict[str, Any]]:
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise SystemExit(
             f"run_table.py: error: row {row['row']}: grid should map options to non-empty lists "
-            "of values, e.g. grid: {model.learning_rate: [2.0e-5, 3.0e-5]}"
+            "of values, e.g. grid: {model.optimizer.learning_rate: [2.0e-5, 3.0e-5]}"
         )
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
@@ -287,7 +287,7 @@ def resolved_config(run: PlannedRun, extra: list[str], root: Path = ROOT) -> dic
 def settings_line(config: dict) -> str:
     """What a run trains with: the batch per device and in all, the learning rate and its
     schedule, weight decay and length."""
-    model = config.get("model") or {}
+    optimizer = (config.get("model") or {}).get("optimizer") or {}
     trainer = config.get("trainer") or {}
     data = (config.get("data") or {}).get("init_args") or {}
     batch = data.get("batch_size")
@@ -302,11 +302,11 @@ def settings_line(config: dict) -> str:
         text += f" x {' x '.join(factors)} = {batch * devices * nodes * accumulate} in all"
     else:
         text += f" (devices: {devices})"
-    schedule = "constant" if model.get("lr_schedule") == "constant" else "linear decay"
-    warmup = model.get("warmup_ratio")
-    text += f", lr {format_value(model.get('learning_rate'))} ({model.get('optimizer', 'adamw')}"
+    schedule = "constant" if optimizer.get("schedule") == "constant" else "linear decay"
+    warmup = optimizer.get("warmup_ratio")
+    text += f", lr {format_value(optimizer.get('learning_rate'))} ({optimizer.get('name', 'adamw')}"
     text += f", warm-up {format_value(warmup)} then {schedule})" if warmup else f", {schedule})"
-    text += f", weight decay {format_value(model.get('weight_decay'))}"
+    text += f", weight decay {format_value(optimizer.get('weight_decay'))}"
     text += f", {trainer.get('max_epochs')} epochs"
     steps = trainer.get("max_steps")
     return text + (f" or {steps} steps" if steps not in (None, -1) else "")

@@ -1,5 +1,5 @@
-"""The optimiser and learning-rate schedule a config names (``model.optimizer``,
-``model.lr_schedule``): AdamW with warm-up and linear decay for MaCSC, and for the T5 baseline
+"""The optimiser and learning-rate schedule a config names (``model.optimizer.name``,
+``model.optimizer.schedule``): AdamW with warm-up and linear decay for MaCSC, and for the T5 baseline
 Adafactor at T5's constant rate (SPEC 10; Raffel et al. 2020, §3.1.2)."""
 
 import lightning as L
@@ -8,12 +8,19 @@ import torch
 
 from macsc.errors import ConfigError
 from macsc.training.module import MaCSC
+from macsc.training.optim import OptimizerOptions
 
 TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
 
 
 def configured(backbone: str, **options) -> dict:
-    model = MaCSC(backbone=backbone, modalities=["text"], task=TASK, lambda_msb=0.0, **options)
+    model = MaCSC(
+        backbone=backbone,
+        modalities=["text"],
+        task=TASK,
+        objective={"lambda_msb": 0.0},
+        optimizer=OptimizerOptions(**options),
+    )
     model.trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False)
     return model.configure_optimizers()
 
@@ -32,8 +39,8 @@ def rates(setup: dict) -> list[float]:
 def test_the_t5_baseline_trains_with_adafactor_at_a_constant_rate(tiny_backbone):
     setup = configured(
         tiny_backbone,
-        optimizer="adafactor",
-        lr_schedule="constant",
+        name="adafactor",
+        schedule="constant",
         learning_rate=1e-3,
         warmup_ratio=0.0,
         weight_decay=0.0,
@@ -45,9 +52,7 @@ def test_the_t5_baseline_trains_with_adafactor_at_a_constant_rate(tiny_backbone)
 def test_warm_up_then_constant_or_linear_decay(tiny_backbone):
     # 10 steps, warm-up ceil(0.2 x 10) = 2 steps at 1/3 and 2/3 of the rate; then the full rate
     # to the end (constant) or (10 - step) / 8 of it (linear, the default)
-    constant = configured(
-        tiny_backbone, lr_schedule="constant", warmup_ratio=0.2, learning_rate=0.3
-    )
+    constant = configured(tiny_backbone, schedule="constant", warmup_ratio=0.2, learning_rate=0.3)
     assert rates(constant) == pytest.approx([0.1, 0.2] + [0.3] * 8)
     linear = configured(tiny_backbone, warmup_ratio=0.2, learning_rate=0.3)
     assert isinstance(linear["optimizer"], torch.optim.AdamW)
@@ -57,10 +62,13 @@ def test_warm_up_then_constant_or_linear_decay(tiny_backbone):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"optimizer": "sgd"}, "model.optimizer: 'sgd' is not one of adamw, adafactor"),
-        ({"lr_schedule": "cosine"}, "model.lr_schedule: 'cosine' is not one of linear, constant"),
+        ({"name": "sgd"}, "model.optimizer.name: 'sgd' is not one of adamw, adafactor"),
+        (
+            {"schedule": "cosine"},
+            "model.optimizer.schedule: 'cosine' is not one of linear, constant",
+        ),
     ],
 )
 def test_an_unknown_optimizer_or_schedule_is_named(option, message):
     with pytest.raises(ConfigError, match=message):
-        MaCSC(backbone="never-loaded", modalities=["text"], task=TASK, **option)
+        MaCSC(backbone="never-loaded", modalities=["text"], task=TASK, optimizer=option)

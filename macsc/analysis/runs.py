@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from macsc.errors import ConfigError, DataError
+from macsc.training.legacy import upgrade_config
 
 MODALITY_LETTERS = {"text": "T", "image": "I", "audio": "A", "video": "V"}
 #: the paper's prototype extractor of each modality (SPEC 1), by extractor kind
@@ -110,7 +111,9 @@ def find_run_folders(paths: list[str | Path]) -> list[Path]:
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:
-    """The resolved LightningCLI config of a run, or None when the folder has none."""
+    """The resolved LightningCLI config of a run, in today's option names (a run of an earlier
+    macsc wrote flat model options: :func:`macsc.training.legacy.upgrade_config`), or None
+    when the folder has none."""
     path = folder / "config.yaml"
     if not path.is_file():
         return None
@@ -122,7 +125,10 @@ def read_config(folder: Path) -> dict[str, Any] | None:
         raise DataError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from error
     if not isinstance(config, dict):
         raise DataError(f"{path} should hold a YAML mapping (the config LightningCLI saved)")
-    return config
+    try:
+        return upgrade_config(config)[0]
+    except ConfigError as error:
+        raise DataError(f"{path}: {error}") from error
 
 
 def read_metrics_file(path: Path) -> dict[str, Any]:
@@ -255,8 +261,8 @@ def row_id(config: dict[str, Any]) -> str:
         variant = "image"
         specs.pop("image")
     else:
-        no_enhancement = model.get("enhancement", True) is False
-        weight = model.get("lambda_msb")
+        no_enhancement = _section(model, "enhancer").get("enabled", True) is False
+        weight = _section(model, "objective").get("lambda_msb")
         no_msb = weight is not None and float(weight) == 0.0
         variant = {
             (False, False): "ours",
@@ -315,18 +321,18 @@ def _squad_version(value: Any) -> str:
 #: the fine-tuning settings a grid varies (SPEC 10: the baselines' papers chose among them on
 #: dev), by the name a report gives them, and where a resolved config keeps each
 TRAINING_SETTINGS = {
-    "lr": ("model", "learning_rate"),
+    "lr": ("model", "optimizer", "learning_rate"),
     "batch": ("data", "init_args", "batch_size"),
     "devices": ("trainer", "devices"),
     "nodes": ("trainer", "num_nodes"),
     "accumulate": ("trainer", "accumulate_grad_batches"),
     "epochs": ("trainer", "max_epochs"),
     "steps": ("trainer", "max_steps"),
-    "weight decay": ("model", "weight_decay"),
-    "warm-up": ("model", "warmup_ratio"),
-    "adam epsilon": ("model", "adam_epsilon"),
-    "optimizer": ("model", "optimizer"),
-    "schedule": ("model", "lr_schedule"),
+    "weight decay": ("model", "optimizer", "weight_decay"),
+    "warm-up": ("model", "optimizer", "warmup_ratio"),
+    "adam epsilon": ("model", "optimizer", "adam_epsilon"),
+    "optimizer": ("model", "optimizer", "name"),
+    "schedule": ("model", "optimizer", "schedule"),
 }
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def option_error(message: str, parser) -> str:
@@ -96,6 +99,79 @@ def data_module_options() -> set[str]:
     }
 
 
+def upgrade_arguments(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` with the names of earlier macsc versions read as today's, and one note line per
+    argument that used them: a ``--config`` file (or string) with flat model options or class
+    paths of the flat layout is given as its content in today's names
+    (:func:`macsc.training.legacy.upgrade_config`); ``--model.<old flat option>`` becomes the
+    option's key today (``--model.lambda_msb`` -> ``--model.objective.lambda_msb``)."""
+    import yaml
+
+    from macsc.training.legacy import LEGACY_OPTIONS, is_legacy_option
+
+    upgraded: list[str] = []
+    notes: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        position += 1
+        name, sep, value = arg.partition("=")
+        if not sep and position < len(args) and name in ("--config", "-c", *_old_options()):
+            value = args[position]
+            position += 1
+        elif not sep:
+            upgraded.append(arg)
+            continue
+        if name in ("--config", "-c"):
+            value, note = upgrade_config_argument(value)
+            notes += [note] if note else []
+        elif name in _old_options() and is_legacy_option(name[8:], _yaml_value(yaml, value)):
+            new = "--model." + LEGACY_OPTIONS[name[8:]]
+            notes.append(f"{name} is the old name of {new}; read as {new}")
+            name = new
+        upgraded += [f"{name}={value}"] if sep else [name, value]
+    return upgraded, notes
+
+
+def _old_options() -> tuple[str, ...]:
+    from macsc.training.legacy import LEGACY_OPTIONS
+
+    return tuple(f"--model.{key}" for key in LEGACY_OPTIONS)
+
+
+def _yaml_value(yaml, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def upgrade_config_argument(value: str) -> tuple[str, str | None]:
+    """A ``--config`` value (a file, or a YAML string) in today's names, and a note line when
+    it used the names of an earlier macsc (then the value returned is the upgraded YAML
+    string); the value itself, and None, when it did not or is not a YAML mapping."""
+    import yaml
+
+    from macsc.training.legacy import describe_renames, upgrade_config
+
+    path = Path(value)
+    is_file = path.is_file()
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else value)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return value, None  # the parser names what is wrong with it
+    if not isinstance(config, dict):
+        return value, None
+    config, renamed = upgrade_config(config)
+    if not renamed:
+        return value, None
+    where = value if is_file else "the --config string"
+    return yaml.safe_dump(config, sort_keys=False), (
+        f"{where} uses the names of an earlier macsc: {describe_renames(renamed)}; it was read "
+        "with today's names (macsc/training/legacy.py lists them all)"
+    )
+
+
 class MacscArgumentParser(LightningArgumentParser):
     """Reports a bad option or config key in one line, naming the closest valid key."""
 
@@ -121,6 +197,19 @@ class MacscCLI(LightningCLI):
             help="Path to a configuration file in json or yaml format.",
         )
         return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, with the option names and class paths of earlier macsc versions read
+        as today's (:func:`upgrade_arguments`), saying so in one note line each."""
+        if isinstance(args, dict):
+            return super().parse_arguments(parser, args)
+        given = sys.argv[1:] if args is None else list(args)
+        upgraded, notes = upgrade_arguments(given)
+        if not notes:
+            return super().parse_arguments(parser, args)
+        for note in notes:
+            rank_zero_info(f"note: {note}")
+        self.config = parser.parse_args(upgraded)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
@@ -165,26 +254,46 @@ class MacscCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path`` must load with ``weights_only=True`` (unpickling it can then run
         no code) unless the user passes ``--weights_only false``: refused with one line
-        before LightningCLI reads the file for its hyperparameters, and the run is then held
-        to ``weights_only``. A trusted file keeps the configured model settings: LightningCLI
-        reads hyperparameters with ``weights_only=True`` only."""
-        from macsc.training.checkpoints import check_checkpoint_is_safe, check_resumable
+        before the file is read for its hyperparameters, and the run is then held to
+        ``weights_only``. A trusted file keeps the configured model settings. A fit cannot
+        resume from a weights-only file (``best.ckpt``): one line says so.
+
+        The checkpoint's hyperparameters then replace the configured model options, as
+        LightningCLI does, but read memory-mapped (no tensor data; LightningCLI loads the
+        whole file) and in today's names: a checkpoint of an earlier macsc, with flat options,
+        runs with its settings (:func:`macsc.training.legacy.upgrade_model_options`)."""
+        from macsc.training.checkpoints import (
+            check_checkpoint_is_safe,
+            check_resumable,
+            hyperparameters_of,
+        )
+        from macsc.training.legacy import describe_renames, upgrade_model_options
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         path = config.get("ckpt_path") if config is not None else None
-        if path is None:
-            return
-        if config.get("weights_only") is False:
+        if path is None or config.get("weights_only") is False:
             return
         # Lightning's keywords ("last", "best", ...) and remote files are Lightning's to read
         local = "://" not in str(path)
-        if Path(path).exists() or (local and Path(path).suffix == ".ckpt"):
-            saved = check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
-            if subcommand == "fit":
-                check_resumable(saved, path)
+        if not (Path(path).exists() or (local and Path(path).suffix == ".ckpt")):
+            config["weights_only"] = True
+            return
+        saved = check_checkpoint_is_safe(path, how_to_trust="pass --weights_only false")
+        if subcommand == "fit":
+            check_resumable(saved, path)
+        hparams = hyperparameters_of(saved)
         config["weights_only"] = True
-        super()._parse_ckpt_path()
+        hparams.pop("_instantiator", None)
+        hparams, renamed = upgrade_model_options(hparams)
+        if not hparams:
+            return
+        if renamed:
+            rank_zero_info(
+                f"note: {path} holds the names of an earlier macsc: {describe_renames(renamed)}; "
+                "it was read with today's names (macsc/training/legacy.py lists them all)"
+            )
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs):
         """Name the run folder after the data and continue a run's folder for a checkpoint
@@ -221,6 +330,11 @@ def run_lightning(args: list[str] | None, run: bool = True):
     from macsc.cli.run_folders import RunConfigSaver
     from macsc.training.module import MaCSC
 
+    # `macsc fit --help` shows each field of the option groups with its docstring (the
+    # dataclasses' attribute docstrings); reading them costs every start ~1 s, so only help does
+    wanted = sys.argv[1:] if args is None else args
+    asks_help = any(arg in ("-h", "--help") for arg in wanted)
+    set_parsing_settings(docstring_parse_attribute_docstrings=asks_help)
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     quiet = _Quiet()
     rank_zero_log.addFilter(quiet)

@@ -27,7 +27,7 @@ class ConceptEnhancer(nn.Module):
         super().__init__()
         if enhancement and hidden_size % num_heads:
             raise ValueError(
-                f"enhancer_heads={num_heads} must divide the backbone hidden size {hidden_size}"
+                f"model.enhancer.heads={num_heads} must divide the backbone hidden size {hidden_size}"
             )
         self.project = nn.Linear(prototype_dim, hidden_size)
         self.type_embedding = nn.Parameter(torch.zeros(hidden_size))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from macsc.errors import ConfigError, MacscError
 from macsc.method.fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
+from macsc.method.options import EnhancerOptions
 from macsc.method.text_tower import TEXT_TOWER_MODEL_TYPE, build_text_tower
 from macsc.paths import resolve_pretrained
 from macsc.prototypes import PrototypeExtractor, Prototypes, build_extractor
@@ -84,7 +85,7 @@ class MaCSCNetwork(nn.Module):
             :func:`macsc.prototypes.build_extractor`); unlisted ones use the paper's.
         auto_class: the ``transformers`` auto class that loads the backbone (``AutoModel``;
             ``AutoModelForSeq2SeqLM`` for generation, whose encoder then gives ``H^t``).
-        enhancement, share_enhancer, enhancer_heads, enhancer_feed_forward: SPEC 2.
+        enhancer: the concept enhancement's options (:class:`macsc.method.options.EnhancerOptions`).
         text_pooling: ``auto`` (first token; last for XLNet and text towers), ``first``,
             ``last``, ``mean``.
         dropout: of the enhancers (default: the backbone's).
@@ -99,10 +100,7 @@ class MaCSCNetwork(nn.Module):
         modalities: list[str],
         prototypes: dict[str, dict[str, Any]] | None = None,
         auto_class: str = "AutoModel",
-        enhancement: bool = True,
-        share_enhancer: bool = False,
-        enhancer_heads: int = 8,
-        enhancer_feed_forward: bool = False,
+        enhancer: EnhancerOptions = EnhancerOptions(),
         text_pooling: str = "auto",
         dropout: float | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -166,16 +164,16 @@ class MaCSCNetwork(nn.Module):
             self.enhancers[name] = ConceptEnhancer(
                 self.hidden_size,
                 extractor.dim,
-                num_heads=enhancer_heads,
+                num_heads=enhancer.heads,
                 dropout=self.dropout_rate,
-                feed_forward=enhancer_feed_forward,
-                enhancement=enhancement,
+                feed_forward=enhancer.feed_forward,
+                enhancement=enhancer.enabled,
             )
-        if share_enhancer and enhancement and len(self.enhancers) > 1:
+        if enhancer.shared and enhancer.enabled and len(self.enhancers) > 1:
             first = next(iter(self.enhancers.values()))
-            for enhancer in self.enhancers.values():
-                enhancer.attention, enhancer.norm = first.attention, first.norm
-                enhancer.feed_forward, enhancer.ff_norm = first.feed_forward, first.ff_norm
+            for block in self.enhancers.values():
+                block.attention, block.norm = first.attention, first.norm
+                block.feed_forward, block.ff_norm = first.feed_forward, first.ff_norm
 
     @property
     def extractors(self) -> dict[str, PrototypeExtractor]:

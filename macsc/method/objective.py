@@ -14,6 +14,7 @@ from macsc.errors import ConfigError
 from macsc.method.allocation import class_prior
 from macsc.method.calibration import SelfBalancingCalibration
 from macsc.method.heads import HeadOutput, TaskHead
+from macsc.method.options import ObjectiveOptions
 
 
 @dataclass
@@ -34,10 +35,9 @@ class MaCSCObjective(nn.Module):
         modalities: the run's modalities, ``text`` first.
         hidden_size: width of the pooled branch representations.
         head: the task head whose outputs the objective reads (its kind decides whether there
-            is late fusion, a class prior, and which samples are positives).
-        lambda_msb, alpha, tau, proj_dim, weight_normalization, reduction: SPEC 4-5; with
-            ``reduction: sum`` both ``L_wa`` and ``L_msb`` sum over the examples (Eq. 8, 12).
-        gather_across_devices: compute ``L_msb`` over the batch gathered from every rank.
+            is late fusion, a class prior, and which samples are positives; its
+            ``default_lambda_msb`` is ``λ`` when the options leave it null).
+        options: :class:`macsc.method.options.ObjectiveOptions`.
     """
 
     def __init__(
@@ -45,35 +45,36 @@ class MaCSCObjective(nn.Module):
         modalities: list[str],
         hidden_size: int,
         head: TaskHead,
-        lambda_msb: float = 0.2,
-        alpha: float = 1.0,
-        tau: float = 0.1,
-        proj_dim: int = 128,
-        weight_normalization: str = "balanced",
-        reduction: str = "mean",
-        gather_across_devices: bool = False,
+        options: ObjectiveOptions = ObjectiveOptions(),
     ) -> None:
         super().__init__()
         self.modalities = list(modalities)
+        lambda_msb = head.default_lambda_msb if options.lambda_msb is None else options.lambda_msb
         self.lambda_msb = lambda_msb
-        self.reduction = reduction
-        self.gather_across_devices = gather_across_devices
+        self.reduction = options.reduction
+        self.gather_across_devices = options.gather_across_devices
         self.rho_logits = nn.Parameter(torch.zeros(len(modalities))) if head.late_fusion else None
         if lambda_msb != 0 and not head.late_fusion:
             raise ConfigError(
-                f"model.lambda_msb={lambda_msb}: a {head.spec.kind} task has one output, not one "
-                "per modality, so there is no self-balancing loss (SPEC 6); set model.lambda_msb: 0"
+                f"model.objective.lambda_msb={lambda_msb}: a {head.spec.kind} task has one "
+                "output, not one per modality, so there is no self-balancing loss (SPEC 6); set "
+                "model.objective.lambda_msb: 0"
             )
         # no calibration parameters at all when L_msb is off: DDP rejects unused parameters
         self.calibration = (
             SelfBalancingCalibration(
-                modalities, hidden_size, proj_dim, tau, weight_normalization, reduction
+                modalities,
+                hidden_size,
+                options.proj_dim,
+                options.tau,
+                options.weight_normalization,
+                options.reduction,
             )
             if lambda_msb != 0 and len(modalities) > 1
             else None
         )
         self.register_buffer("class_prior", torch.full((head.prior_size,), 1.0 / head.prior_size))
-        self.alpha = alpha if head.uses_prior else 0.0
+        self.alpha = options.alpha if head.uses_prior else 0.0
 
     def set_class_prior(self, head: TaskHead, classes: Tensor) -> None:
         """``π_e`` from the class of every training example (SPEC 4)."""

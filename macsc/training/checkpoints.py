@@ -1,7 +1,8 @@
 """MaCSC checkpoints, read and written.
 
 Reading: no code from the file runs unless trusted, a checkpoint of another architecture is
-one clear line, and checkpoints of earlier layouts still load.
+one clear line, and checkpoints of earlier versions still load, with their settings (their
+state-dict keys and flat options are renamed by :mod:`macsc.training.legacy`).
 
 Writing: atomically, and with a ``last.ckpt`` that is the latest state.
 
@@ -16,9 +17,15 @@ Writing: atomically, and with a ``last.ckpt`` that is the latest state.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import os
+import pickle
 import secrets
+import shutil
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,40 +39,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from macsc.errors import CheckpointError
+from macsc.errors import CheckpointError, ConfigError
+from macsc.method.options import as_dict
 from macsc.prototypes.published_weights import safe_torch_load, state_dict_mismatch
-
-#: state-dict key prefixes of checkpoints written before the model was split into network,
-#: heads and objective (macsc 0.1, before 2026-12): old prefix -> new prefix
-LEGACY_PREFIXES: dict[str, str] = {
-    "backbone.": "network.backbone.",
-    "enhancers.": "network.enhancers.",
-    "trainable_extractors.": "network.trainable_extractors.",
-    "calibration.": "objective.calibration.",
-}
-LEGACY_KEYS: dict[str, str] = {
-    "rho_logits": "objective.rho_logits",
-    "class_prior": "objective.class_prior",
-    "skipped_batches": "guard.skipped_batches",
-}
-
-
-def upgrade_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with the keys of an earlier layout renamed to today's (a dict of today's
-    layout is returned unchanged)."""
-    if not any(key in state_dict for key in LEGACY_KEYS) and not any(
-        key.startswith(tuple(LEGACY_PREFIXES)) for key in state_dict
-    ):
-        return state_dict
-    upgraded = {}
-    for key, value in state_dict.items():
-        new = LEGACY_KEYS.get(key, key)
-        for old, prefix in LEGACY_PREFIXES.items():
-            if key.startswith(old):
-                new = prefix + key[len(old) :]
-                break
-        upgraded[new] = value
-    return upgraded
+from macsc.training.legacy import (
+    OPTION_GROUPS,
+    upgrade_model_options,
+    upgrade_state_dict,
+)
 
 
 def mismatch_error(
@@ -109,6 +90,85 @@ def check_resumable(checkpoint: Any, path: str | Path) -> None:
             "not the optimiser and loop state a fit resumes from: resume from the run's "
             "last.ckpt (--ckpt_path last), and validate, test or predict with this one"
         )
+
+
+def read_hyperparameters(path: str | Path, *, how_to_trust: str) -> dict[str, Any]:
+    """The ``hyper_parameters`` a checkpoint file holds (``{}`` for none), read as
+    :func:`check_checkpoint_is_safe` reads the file (so it is that check too): with
+    ``weights_only=True``, and memory-mapped when the file is a zip, so no tensor data is read."""
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    content = safe_torch_load(path, how_to_trust=how_to_trust, mmap=zipfile.is_zipfile(path))
+    return hyperparameters_of(content)
+
+
+def hyperparameters_of(content: Any) -> dict[str, Any]:
+    hparams = content.get("hyper_parameters") if isinstance(content, dict) else None
+    return dict(hparams) if isinstance(hparams, dict) else {}
+
+
+def needs_unpickling(path: str | Path) -> bool:
+    """Whether only full unpickling, which runs code from the file, reads checkpoint ``path``."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        return True
+    except (RuntimeError, EOFError, OSError):
+        return False  # missing or damaged: read_hyperparameters says so
+    return False
+
+
+def unpickled_once(path: str | Path, map_location: Any) -> tuple[io.BytesIO, dict[str, Any]]:
+    """A trusted checkpoint that only full unpickling reads, read here once: the content again
+    as a file in memory for Lightning to load (what the file's code built, not the code
+    itself, so the code runs once), and its hyperparameters."""
+    content = torch.load(path, map_location=map_location, weights_only=False)
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    buffer.seek(0)
+    return buffer, hyperparameters_of(content)
+
+
+def checkpoint_options(
+    cls: type, saved: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments of ``load_from_checkpoint`` that rebuild the model a checkpoint
+    saved with hyperparameters ``saved``, with ``overrides`` applied: every option group in
+    full, from today's groups or from the flat options of earlier versions
+    (:func:`macsc.training.legacy.upgrade_model_options`), an override of a group (a mapping
+    or an options object, today's or an old flat name) changing the fields it gives. An
+    override ``cls`` does not take is a ConfigError, not dropped."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    plain = {
+        key: as_dict(value) if key in OPTION_GROUPS and not isinstance(value, dict) else value
+        for key, value in overrides.items()
+    }
+    given, _ = upgrade_model_options(plain)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"load_from_checkpoint: {unknown[0]!r} is not an option of {cls.__name__} "
+            f"(its options: {', '.join(sorted(known))})"
+        )
+    upgraded, _ = upgrade_model_options(saved)
+    for group in OPTION_GROUPS:
+        base = upgraded.get(group) if isinstance(upgraded.get(group), dict) else {}
+        given[group] = {**base, **(given.get(group) or {})}
+    return given
+
+
+@contextlib.contextmanager
+def local_copy(source: Any) -> Iterator[Path]:
+    """A remote checkpoint (``s3://...``, ``file://...``) or an open file as a temporary local
+    file, removed afterwards: its options are read before Lightning reads its tensors."""
+    with tempfile.TemporaryDirectory(prefix="macsc-checkpoint-") as folder:
+        path = Path(folder) / "checkpoint.ckpt"
+        if isinstance(source, str | Path):
+            get_filesystem(source).get(str(source), str(path))
+        else:
+            with path.open("wb") as file:
+                shutil.copyfileobj(source, file)
+        yield path
 
 
 def is_local(path: Any) -> bool:
@@ -231,21 +291,36 @@ class CheckpointedModule(L.LightningModule):
         ``weights_only=True``, so one whose unpickling would run code is refused with a
         :class:`CheckpointError` unless ``trust_checkpoint=True``; a missing, damaged or
         mismatched checkpoint is a CheckpointError too. (``macsc fit --ckpt_path`` follows the
-        same rule; there ``--weights_only false`` is the trust option.)"""
-        if not trust_checkpoint and is_local(checkpoint_path):
-            check_checkpoint_is_safe(checkpoint_path, how_to_trust="pass trust_checkpoint=True")
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location,
-            hparams_file,
-            strict,
-            weights_only=not trust_checkpoint,
-            **kwargs,
-        )
+        same rule; there ``--weights_only false`` is the trust option.)
+
+        A checkpoint of an earlier version, whose hyperparameters hold the flat options
+        (``lambda_msb`` beside ``backbone``), loads with the settings it was trained with.
+        Keyword overrides change the fields they give of an option group
+        (``objective={"tau": 0.2}``; :func:`checkpoint_options`)."""
+        with contextlib.ExitStack() as stack:
+            if not is_local(checkpoint_path):  # a URL or an open file: read here, and by Lightning
+                checkpoint_path = stack.enter_context(local_copy(checkpoint_path))
+            if trust_checkpoint and needs_unpickling(checkpoint_path):
+                checkpoint_path, saved = unpickled_once(checkpoint_path, map_location)
+            else:
+                how = "pass trust_checkpoint=True"
+                saved = read_hyperparameters(checkpoint_path, how_to_trust=how)
+            if hparams_file is not None:  # Lightning's rule: it replaces the checkpoint's
+                from lightning.pytorch.core.saving import load_hparams_from_yaml
+
+                saved = dict(load_hparams_from_yaml(hparams_file, use_omegaconf=False) or {})
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location,
+                hparams_file,
+                strict,
+                weights_only=not trust_checkpoint,
+                **checkpoint_options(cls, saved, kwargs),
+            )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` that also reads checkpoints of earlier layouts
-        (:func:`macsc.training.checkpoints.upgrade_state_dict`), and reports a checkpoint of another
+        (:func:`macsc.training.legacy.upgrade_state_dict`), and reports a checkpoint of another
         architecture (another backbone width, other modalities or task) in one line naming the
         mismatched keys and the checkpoint's settings, not torch's page of keys."""
         state_dict = upgrade_state_dict(state_dict)
@@ -270,6 +345,16 @@ class CheckpointedModule(L.LightningModule):
         # checkpoint loads as; beside the hyperparameters, which load_from_checkpoint's keyword
         # overrides rewrite
         checkpoint[HEAD_OPTIONS_KEY] = self.head.recorded_options()
+
+    def save_options(self, **groups: Any) -> None:
+        """Lightning's ``save_hyperparameters`` for the calling ``__init__``, with its option
+        groups (name -> options object) kept as plain mappings: checkpoints are read with
+        ``weights_only=True``, which unpickles no dataclass."""
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        plain = {name: as_dict(options) for name, options in groups.items()}
+        self.save_hyperparameters(
+            {key: plain.get(key, value) for key, value in self.hparams.items()}
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})

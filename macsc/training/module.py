@@ -22,6 +22,7 @@ from macsc.method.heads import (
 )
 from macsc.method.network import DEFAULT_PROTOTYPES, BranchRepresentations, MaCSCNetwork
 from macsc.method.objective import DeviceGroup, MaCSCObjective
+from macsc.method.options import EnhancerOptions, ObjectiveOptions, as_options
 from macsc.paths import resolve_pretrained
 from macsc.prototypes import PrototypeExtractor
 from macsc.task import TaskSpec
@@ -31,13 +32,7 @@ from macsc.training.checkpoints import (
 )
 from macsc.training.guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
 from macsc.training.heatmaps import ModalityWeightHeatmaps
-from macsc.training.optim import (
-    LR_SCHEDULES,
-    OPTIMIZERS,
-    build_optimizer,
-    check_choice,
-    linear_schedule,
-)
+from macsc.training.optim import OptimizerOptions, build_optimizer, linear_schedule
 from macsc.training.result_files import EmptyRunCleanup, RunFolderNote, write_evaluation
 from macsc.training.resume import RunState
 
@@ -70,36 +65,19 @@ class MaCSC(CheckpointedModule):
         backbone: Hugging Face model name or local folder of the PLM (``bert-base-uncased``);
             null when ``text_tower`` is the encoder.
         modalities: ``[text]``, ``[text, image]``, ... ``text`` first. ``[text]`` with
-            ``lambda_msb: 0`` is the plain fine-tuning baseline ("+None").
+            ``objective.lambda_msb: 0`` is the plain fine-tuning baseline ("+None").
         prototypes: the prototype source of each non-text modality, as keyword options of
             :func:`macsc.prototypes.build_extractor` (``{image: {kind: open_clip, ...}}``);
             modalities not listed use the paper's extractors (SPEC section 1).
         task: filled in by the data module (kind, number of labels, metrics); see
             :class:`macsc.task.TaskSpec`.
-        enhancement: ``false`` is the "w/o Concept Enhancement" ablation.
-        share_enhancer: one attention block for all modalities instead of one each.
-        enhancer_heads: attention heads of the enhancement module (paper: 8).
-        enhancer_feed_forward: add a feed-forward block after the enhancement attention.
+        enhancer: the semantic concept enhancement (SPEC 2), one group of options:
+            :class:`macsc.method.options.EnhancerOptions`.
+        objective: the loss ``L_wa + λ L_msb`` and its calibration (SPEC 4-5), one group of
+            options: :class:`macsc.method.options.ObjectiveOptions`.
+        optimizer: the optimiser and its learning-rate schedule, one group of options:
+            :class:`macsc.training.optim.OptimizerOptions`.
         text_pooling: ``auto`` (first token, or last for XLNet), ``first``, ``last``, ``mean``.
-        lambda_msb: weight of the self-balancing loss (Eq. 14); default the task kind's (0.2 as
-            in the paper's A.3; 0 for generation, where the paper cancels it).
-        alpha: strength of the class-prior debiasing of Eq. 4.
-        tau: contrastive temperature of Eq. 7.
-        proj_dim: width of the contrastive projectors.
-        weight_normalization: ``balanced`` (default: Eq. 5 rescaled per modality pair),
-            ``batch`` (Eq. 5 literally) or ``positives``; see SPEC 5.
-        reduction: ``mean`` or ``sum`` over examples, for ``L_wa`` and ``L_msb`` alike (Eq. 8
-            and 12 sum; ``mean`` keeps lambda independent of the batch size).
-        gather_across_devices: all-gather features and predictions under DDP so that positives
-            and negatives span the global batch.
-        learning_rate, weight_decay, warmup_ratio, adam_epsilon: AdamW with linear warm-up and
-            linear decay to zero.
-        optimizer: ``adamw`` (default) or ``adafactor`` (T5's fine-tuning optimiser, for the T5
-            baseline of SPEC 10; ``adam_epsilon`` does not apply).
-        lr_schedule: after the warm-up, ``linear`` decay to zero (default) or a ``constant``
-            rate (T5's fine-tuning).
-        modality_weight_lr_scale: learning-rate multiplier for the modality weights rho and Z
-            (the paper uses one learning rate: 1.0; short runs may want them to move faster).
         dropout: dropout before the heads and in the enhancer (default: the backbone's).
         nonfinite: ``raise`` stops training on a NaN/Inf loss term, naming it and the step
             (checked without a host sync in the step: at the next ``log_every_n_steps``, and
@@ -116,6 +94,9 @@ class MaCSC(CheckpointedModule):
             data is tokenised with its own tokenizer; ``{kind: open_clip|audioclip|clip_vip,
             <the options that load it, as in prototypes>, projection: true}``
             (:mod:`macsc.method.text_tower`). Needs ``backbone: null``.
+
+    The option groups may also be given as mappings (``objective={"tau": 0.2}``); the
+    hyperparameters a checkpoint keeps hold them as mappings.
     """
 
     def __init__(
@@ -124,25 +105,10 @@ class MaCSC(CheckpointedModule):
         modalities: list[str] | None = None,
         prototypes: dict[str, dict[str, Any]] | None = None,
         task: dict[str, Any] | None = None,
-        enhancement: bool = True,
-        share_enhancer: bool = False,
-        enhancer_heads: int = 8,
-        enhancer_feed_forward: bool = False,
+        enhancer: EnhancerOptions = EnhancerOptions(),
+        objective: ObjectiveOptions = ObjectiveOptions(),
+        optimizer: OptimizerOptions = OptimizerOptions(),
         text_pooling: str = "auto",
-        lambda_msb: float | None = None,
-        alpha: float = 1.0,
-        tau: float = 0.1,
-        proj_dim: int = 128,
-        weight_normalization: str = "balanced",
-        reduction: str = "mean",
-        gather_across_devices: bool = False,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-        adam_epsilon: float = 1e-8,
-        optimizer: str = "adamw",
-        lr_schedule: str = "linear",
-        modality_weight_lr_scale: float = 1.0,
         dropout: float | None = None,
         nonfinite: str = "raise",
         backbone_kwargs: dict[str, Any] | None = None,
@@ -153,10 +119,11 @@ class MaCSC(CheckpointedModule):
         modalities = (
             list(modalities) if modalities is not None else ["text", "image", "audio", "video"]
         )
+        enhancer = as_options(EnhancerOptions, enhancer, "model.enhancer")
+        objective = as_options(ObjectiveOptions, objective, "model.objective")
+        self.optimizer_options = as_options(OptimizerOptions, optimizer, "model.optimizer")
         self.guard = NonFiniteGuard(nonfinite)
-        check_choice("model.optimizer", optimizer, OPTIMIZERS)
-        check_choice("model.lr_schedule", lr_schedule, LR_SCHEDULES)
-        self.save_hyperparameters()
+        self.save_options(enhancer=enhancer, objective=objective, optimizer=self.optimizer_options)
         self.modalities = modalities
         self.spec = TaskSpec.from_dict(task)
         self.network = MaCSCNetwork(
@@ -164,10 +131,7 @@ class MaCSC(CheckpointedModule):
             modalities,
             prototypes,
             auto_class=head_class(self.spec.kind).auto_class,
-            enhancement=enhancement,
-            share_enhancer=share_enhancer,
-            enhancer_heads=enhancer_heads,
-            enhancer_feed_forward=enhancer_feed_forward,
+            enhancer=enhancer,
             text_pooling=text_pooling,
             dropout=dropout,
             backbone_kwargs=backbone_kwargs,
@@ -181,20 +145,7 @@ class MaCSC(CheckpointedModule):
             **(head_options or {}),
         )
         self.head.attach(self.network.backbone)
-        if lambda_msb is None:
-            lambda_msb = self.head.default_lambda_msb
-        self.objective = MaCSCObjective(
-            modalities,
-            self.network.hidden_size,
-            self.head,
-            lambda_msb=lambda_msb,
-            alpha=alpha,
-            tau=tau,
-            proj_dim=proj_dim,
-            weight_normalization=weight_normalization,
-            reduction=reduction,
-            gather_across_devices=gather_across_devices,
-        )
+        self.objective = MaCSCObjective(modalities, self.network.hidden_size, self.head, objective)
         self._updated: set[str] = set()
         self.metrics = torch.nn.ModuleDict(
             {
@@ -245,7 +196,7 @@ class MaCSC(CheckpointedModule):
                 "the class prior pi_e of Eq. 4 stays uniform: training runs without a data "
                 "module that gives the training labels (train_label_classes()), so the "
                 "debiasing does nothing; use a macsc data module (tasks.*), or give yours a "
-                "train_label_classes() method, or set model.alpha: 0 to say so"
+                "train_label_classes() method, or set model.objective.alpha: 0 to say so"
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -434,19 +385,9 @@ class MaCSC(CheckpointedModule):
 
     # ---------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(
-            self,
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            self.hparams.adam_epsilon,
-            self.hparams.modality_weight_lr_scale,
-            self.hparams.optimizer,
-        )
+        optimizer = build_optimizer(self, self.optimizer_options)
         schedule = linear_schedule(
-            optimizer,
-            self.trainer.estimated_stepping_batches,
-            self.hparams.warmup_ratio,
-            self.hparams.lr_schedule,
+            optimizer, self.trainer.estimated_stepping_batches, self.optimizer_options
         )
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

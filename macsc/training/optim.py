@@ -1,21 +1,23 @@
 """The optimiser of MaCSC fine-tuning: AdamW with linear warm-up and linear decay (SPEC; A.3),
-or, for baselines fine-tuned as their own papers did (SPEC 10), Adafactor at a constant rate (T5)."""
+or, for baselines fine-tuned as their own papers did (SPEC 10), Adafactor at a constant rate (T5).
+Its options are one group, :class:`OptimizerOptions` (``model.optimizer`` in a config)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from macsc.errors import ConfigError
+from macsc.method.options import choose
 
-#: ``model.optimizer``: AdamW (MaCSC, BERT, RoBERTa, XLNet) or Adafactor (T5's fine-tuning,
+#: ``model.optimizer.name``: AdamW (MaCSC, BERT, RoBERTa, XLNet) or Adafactor (T5's fine-tuning,
 #: Raffel et al. 2020, §3.1.2: factored second moments, no momentum, updates relative to the
 #: parameter's scale; torch.optim.Adafactor)
 OPTIMIZERS = ("adamw", "adafactor")
-#: ``model.lr_schedule``: after the linear warm-up, a linear decay to zero or a constant rate
+#: ``model.optimizer.schedule``: after the linear warm-up, a linear decay to zero or a constant rate
 LR_SCHEDULES = ("linear", "constant")
 
 #: parameters without weight decay (biases, norms, the modality embeddings); the CLIP text
@@ -36,24 +38,39 @@ NO_DECAY = (
 MODALITY_WEIGHTS = ("objective.rho_logits", "objective.calibration.z")
 
 
-def check_choice(option: str, value: str, known: tuple[str, ...]) -> None:
-    """A ConfigError naming ``option`` when ``value`` is not one of ``known``."""
-    if value not in known:
-        raise ConfigError(f"{option}: {value!r} is not one of {', '.join(known)}")
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The optimiser and its learning-rate schedule: linear warm-up, then linear decay to zero
+    (or a constant rate), stepped every optimiser step."""
+
+    name: str = "adamw"
+    """``adamw``, or ``adafactor`` (T5's fine-tuning optimiser, for the T5 baseline of SPEC 10;
+    ``adam_epsilon`` does not apply)."""
+    learning_rate: float = 1e-4
+    """The peak learning rate, reached at the end of the warm-up."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay of every parameter but biases, norms, the modality embeddings,
+    ``ρ`` and ``Z``."""
+    warmup_ratio: float = 0.1
+    """Share of the run's optimiser steps spent warming up linearly from zero."""
+    adam_epsilon: float = 1e-8
+    """AdamW's ``ε``."""
+    schedule: str = "linear"
+    """After the warm-up: ``linear`` decay to zero at the last step, or a ``constant`` rate
+    (T5's fine-tuning)."""
+    modality_weight_lr_scale: float = 1.0
+    """Learning-rate multiplier of the modality weights ``ρ`` and ``Z`` (the paper uses one
+    learning rate: 1.0; short runs may want them to move faster)."""
+
+    def __post_init__(self) -> None:
+        choose("model.optimizer.name", self.name, OPTIMIZERS)
+        choose("model.optimizer.schedule", self.schedule, LR_SCHEDULES)
 
 
-def build_optimizer(
-    module: nn.Module,
-    learning_rate: float,
-    weight_decay: float,
-    adam_epsilon: float,
-    modality_weight_lr_scale: float = 1.0,
-    optimizer: str = "adamw",
-) -> torch.optim.Optimizer:
-    """AdamW (or Adafactor, ``optimizer="adafactor"``) over the trainable parameters of
-    ``module``: weight decay except on biases, norms, ``ρ`` and ``Z``; ``ρ`` and ``Z`` at
-    ``learning_rate * modality_weight_lr_scale``. ``adam_epsilon`` is AdamW's alone."""
-    check_choice("model.optimizer", optimizer, OPTIMIZERS)
+def build_optimizer(module: nn.Module, options: OptimizerOptions) -> torch.optim.Optimizer:
+    """AdamW (or Adafactor) over the trainable parameters of ``module``: weight decay except on
+    biases, norms, ``ρ`` and ``Z``; ``ρ`` and ``Z`` at ``learning_rate *
+    modality_weight_lr_scale``."""
     decay, plain, weights = [], [], []
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
@@ -67,29 +84,26 @@ def build_optimizer(
     fused = all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + plain + weights
     )
+    rate = options.learning_rate
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": options.weight_decay},
         {"params": plain, "weight_decay": 0.0},
-        {"params": weights, "weight_decay": 0.0, "lr": learning_rate * modality_weight_lr_scale},
+        {"params": weights, "weight_decay": 0.0, "lr": rate * options.modality_weight_lr_scale},
     ]
-    if optimizer == "adafactor":
-        return torch.optim.Adafactor(groups, lr=learning_rate)
-    return torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, fused=fused or None)
+    if options.name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=rate)
+    return torch.optim.AdamW(groups, lr=rate, eps=options.adam_epsilon, fused=fused or None)
 
 
 def linear_schedule(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_ratio: float,
-    after_warmup: str = "linear",
+    optimizer: torch.optim.Optimizer, total_steps: int, options: OptimizerOptions
 ) -> dict[str, Any]:
     """Lightning's scheduler entry: linear warm-up over ``ceil(warmup_ratio * total)`` steps,
-    then linear decay to zero at ``total_steps`` (``after_warmup="linear"``) or the full rate
-    to the end (``"constant"``), stepped every optimizer step."""
-    check_choice("model.lr_schedule", after_warmup, LR_SCHEDULES)
+    then linear decay to zero at ``total_steps`` (``schedule="linear"``) or the full rate to
+    the end (``"constant"``), stepped every optimizer step."""
     total = max(1, int(total_steps))
-    warmup = int(math.ceil(warmup_ratio * total))
-    factor = LinearSchedule(warmup, total, decay=after_warmup == "linear")
+    warmup = int(math.ceil(options.warmup_ratio * total))
+    factor = LinearSchedule(warmup, total, decay=options.schedule == "linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step"}
 

@@ -521,7 +521,7 @@ def save_macsc(backbone: Path, path: Path, modalities: list[str]) -> Path:
         modalities=modalities,
         prototypes={"image": {"kind": "gaussian", "dim": 16, "k": 4}},
         task={"kind": "classification", "num_labels": 2},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         accelerator="cpu")  # fmt: skip
@@ -687,3 +687,23 @@ def test_the_three_models_score_alike_on_cuda_and_cpu(
             reference = scores
     for key, value in scores.items():
         torch.testing.assert_close(value, reference[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_probe_scores_a_checkpoint_of_an_earlier_macsc_as_its_weights_saved_today(
+    tiny_mlm, memory_color_csv, tmp_path, monkeypatch, capsys
+):
+    """A checkpoint with the flat options of an earlier macsc (tests/training/test_legacy.py)
+    loads with its settings, so it scores as the same weights under today's names."""
+    from tests.training.test_legacy import old_checkpoint
+
+    (tmp_path / "tiny_bert").symlink_to(tiny_mlm)  # where the old checkpoint says its backbone is
+    monkeypatch.chdir(tmp_path)
+    old, today, _ = old_checkpoint(tmp_path, "python")
+    reports = []
+    for path in (old, today):
+        code, lines, _ = run_cli(capsys, "--ckpt", str(path), "--memory-color",
+                                 str(memory_color_csv), "--device", "cpu")  # fmt: skip
+        assert code == 0
+        reports.append(json.loads(lines[-1]))
+    assert reports[0]["model"]["modalities"] == ["text", "image", "video"]
+    assert reports[0]["probes"] == reports[1]["probes"]

@@ -35,8 +35,8 @@ def write_run(
             "backbone": backbone,
             "modalities": list(modalities),
             "prototypes": PAPER_SOURCES,
-            "enhancement": True,
-            "lambda_msb": 0.2,
+            "enhancer": {"enabled": True},
+            "objective": {"lambda_msb": 0.2},
             **model_options,
         }
         text = yaml.safe_dump({"seed_everything": 42, "model": model, "data": data})
@@ -86,7 +86,7 @@ def test_glue_runs_fill_table_1_and_4_with_the_difference_and_the_average(tmp_pa
             backbone="roberta-base",
             modalities=("text",),
             data=glue(task),
-            lambda_msb=0.0,
+            objective={"lambda_msb": 0.0},
         )
     # BERT-base T+I+A+V on SST-2, twice: the cell shows the mean of both
     for version, value in ((0, 0.9437), (1, 0.94)):
@@ -133,7 +133,7 @@ def test_squad_commongen_and_named_runs_land_in_their_columns(tmp_path, capsys):
         backbone="roberta-base",
         modalities=("text",),
         data=squad,
-        lambda_msb=0.0,
+        objective={"lambda_msb": 0.0},
     )
     gen = {"class_path": "tasks.commongen.CommonGenDataModule", "init_args": {}}
     write_run(
@@ -149,7 +149,7 @@ def test_squad_commongen_and_named_runs_land_in_their_columns(tmp_path, capsys):
         },
         backbone="t5-3b",
         data=gen,
-        lambda_msb=0.0,
+        objective={"lambda_msb": 0.0},
     )
     # Table 5's Gaussian source
     gaussian = {m: {"kind": "gaussian", "dim": 512} for m in ("image", "audio", "video")}
@@ -320,13 +320,13 @@ def test_a_grid_of_settings_fills_its_cell_with_the_best_dev_score(tmp_path, cap
     note names the point kept; repeats of one setting are averaged first; where one run fills
     several columns (SQuAD EM and F1) the point is chosen by the main one (F1) for both."""
     runs = tmp_path / "runs"
-    text_only = {"modalities": ("text",), "lambda_msb": 0.0}
+    text_only = {"modalities": ("text",), "objective": {"lambda_msb": 0.0}}
     for lr, accuracy in ((5e-5, 0.91), (4e-5, 0.925), (3e-5, 0.92), (2e-5, 0.90)):
         write_run(
             runs / "sst2" / f"lr={lr}" / "version_0",
             {"validation": {"accuracy": accuracy}},
             data=glue("sst2"),
-            learning_rate=lr,
+            optimizer={"learning_rate": lr},
             **text_only,
         )
     # QNLI: 3e-5 twice (0.88 and 0.90, mean 0.89) beats 2e-5 once (0.885)
@@ -335,7 +335,7 @@ def test_a_grid_of_settings_fills_its_cell_with_the_best_dev_score(tmp_path, cap
             runs / "qnli" / name / "version_0",
             {"validation": {"accuracy": accuracy}},
             data=glue("qnli"),
-            learning_rate=lr,
+            optimizer={"learning_rate": lr},
             **text_only,
         )
     # MNLI: one setting, a plain cell
@@ -343,7 +343,7 @@ def test_a_grid_of_settings_fills_its_cell_with_the_best_dev_score(tmp_path, cap
         runs / "mnli" / "version_0",
         {"validation_matched": {"accuracy": 0.8}},
         data=glue("mnli"),
-        learning_rate=2e-5,
+        optimizer={"learning_rate": 2e-5},
         **text_only,
     )
     # RoBERTa SQuAD v2: batch 2 per device has the better F1, batch 4 the better EM
@@ -357,7 +357,7 @@ def test_a_grid_of_settings_fills_its_cell_with_the_best_dev_score(tmp_path, cap
             {"validation": {"exact": exact, "f1": f1}},
             backbone="roberta-base",
             data=squad,
-            learning_rate=1.5e-5,
+            optimizer={"learning_rate": 1.5e-5},
             **text_only,
         )
     code, out, _ = report(capsys, runs, "--table", "1,2")
@@ -381,3 +381,36 @@ def test_a_grid_of_settings_fills_its_cell_with_the_best_dev_score(tmp_path, cap
     ]
     assert "SQuAD v2 100% F1: batch 2" in out
     assert "10 runs read: 10 matched, 0 not matched." in out
+
+
+def test_runs_of_an_earlier_macsc_fill_the_same_cells_as_todays(tmp_path, capsys):
+    """Runs written before the option groups have flat model options in their config.yaml
+    (``enhancement: false``, ``learning_rate``): they are read in today's names, so an old and a
+    new run of one setting are two repeats of one cell, not two grid points or two rows."""
+    runs = tmp_path / "runs"
+    old = {
+        "backbone": "roberta-base",
+        "modalities": ["text", "image", "audio", "video"],
+        "prototypes": PAPER_SOURCES,
+        "enhancement": False,
+        "lambda_msb": 0.2,
+        "learning_rate": 1.0e-4,
+        "optimizer": "adamw",
+    }
+    folder = runs / "old" / "version_0"
+    write_run(folder, {"validation": {"accuracy": 0.90}}, data=glue("sst2"), config=False)
+    config = {"seed_everything": 42, "model": old, "data": glue("sst2")}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    write_run(
+        runs / "new" / "version_0",
+        {"validation": {"accuracy": 0.92}},
+        backbone="roberta-base",
+        data=glue("sst2"),
+        enhancer={"enabled": False},
+        optimizer={"learning_rate": 1.0e-4, "name": "adamw"},
+    )
+    code, out, _ = report(capsys, runs, "--table", "4")
+    assert code == 0
+    assert "2 runs read: 2 matched, 0 not matched." in out
+    cell = table_row(out, 4, "RoBERTa-base", "w/o Concept Enhancement", "T+I+A+V")[0]
+    assert cell == "91.0 (2 runs) / 92.3 (-1.3)"  # (90 + 92) / 2, one setting

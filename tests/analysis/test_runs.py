@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def runs(tmp_path_factory, tiny_backbone) -> dict[str, dict[str, Path]]:
         json.dumps(write_sst2(root / "sst2")),
         "--model.modalities",
         "[text]",
-        "--model.lambda_msb",
+        "--model.objective.lambda_msb",
         "0",
     ]
     return {
@@ -191,7 +192,7 @@ def test_weights_of_a_generation_checkpoint_say_it_has_none(tiny_t5, tmp_path, c
         modalities=["text", "image"],
         prototypes={"image": {"kind": "gaussian", "dim": 16, "k": 4}},
         task={"kind": "generation", "num_labels": 1, "metrics": ["bleu_4"]},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     path = tmp_path / "commongen.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
@@ -200,3 +201,33 @@ def test_weights_of_a_generation_checkpoint_say_it_has_none(tiny_t5, tmp_path, c
     error = capsys.readouterr().err.strip()
     assert error.startswith("macsc: error:") and "generation run" in error
     assert len(error.splitlines()) == 1
+
+
+def test_the_config_of_a_run_of_an_earlier_macsc_reads_in_todays_names(tmp_path):
+    """A run folder written before the option groups (``config_flat_options.yaml``, see
+    tests/training/test_legacy.py): ``macsc report`` and ``macsc overlap`` read its settings."""
+    from macsc.analysis.runs import display_name, read_config, row_id, training_settings
+    from tests.training.test_legacy import CLI_OPTIONS, DATA
+
+    folder = tmp_path / "version_0"
+    folder.mkdir()
+    shutil.copy(DATA / "config_flat_options.yaml", folder / "config.yaml")
+    config = read_config(folder)
+    assert {group: config["model"][group] for group in CLI_OPTIONS} == CLI_OPTIONS
+    assert not {"lambda_msb", "learning_rate", "enhancement"} & set(config["model"])
+    assert row_id(config) == "tiny_bert/ours/T+I+A+V/prototypes=gaussian"
+    assert display_name(config) == "tiny_bert T+I+A+V prototypes=gaussian"
+    assert dict(training_settings(config)) == {
+        "lr": 3.0e-4,
+        "batch": 16,
+        "devices": 1,
+        "nodes": 1,
+        "accumulate": 1,
+        "epochs": 2,
+        "steps": 2,
+        "weight decay": 0.02,
+        "warm-up": 0.2,
+        "adam epsilon": 1.0e-7,
+        "optimizer": "adafactor",
+        "schedule": "constant",
+    }

@@ -35,7 +35,7 @@ def saved(tiny_backbone, tmp_path_factory):
             "audio": {"kind": "gaussian", "dim": 24, "k": 4, "seed": 1},
         },
         task=DemoDataModule().task_spec.to_dict(),
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     with torch.no_grad():
         model.objective.rho_logits.copy_(torch.tensor(RHO).log())
@@ -106,7 +106,10 @@ def test_without_calibration_there_is_no_pi_z(saved, tmp_path, capsys):
     state, hparams = saved
     state = {k: v for k, v in state.items() if not k.startswith("objective.calibration.")}
     path = tmp_path / "no_msb.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {**hparams, "lambda_msb": 0.0}}, path)
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {**hparams, "objective": {"lambda_msb": 0.0}}},
+        path,
+    )
     assert main(["weights", str(path), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
     assert "  audio  0.5000" in out and "pi_z: none (no calibration module" in out

@@ -37,7 +37,7 @@ def demo_args(tiny_backbone: str, root: Path, *extra: str) -> list[str]:
         tiny_backbone,
         "--model.prototypes",
         SMALL_PROTOTYPES,
-        "--model.enhancer_heads",
+        "--model.enhancer.heads",
         "4",
         "--trainer.logger.init_args.save_dir",
         str(root),
@@ -163,6 +163,11 @@ def test_resume_with_ckpt_path_continues_the_run(demo_run, tiny_backbone, tmp_pa
         (["--model.modalities", "[text, smell]"], "unknown modality 'smell'"),
         (["--model.modalities", "[]"], "must start with 'text'"),
         (["--data.init_args.data_fraction", "1.5"], "data_fraction"),
+        (
+            ["--model.objective.weight_normalization", "rows"],
+            "model.objective.weight_normalization: 'rows' is not one of balanced, batch, positives",
+        ),
+        (["--model.optimizer.name", "sgd"], "model.optimizer.name: 'sgd' is not one of adamw"),
     ],
 )
 def test_bad_options_stop_with_one_clear_line(tiny_backbone, tmp_path, capsys, extra, message):
@@ -174,10 +179,13 @@ def test_bad_options_stop_with_one_clear_line(tiny_backbone, tmp_path, capsys, e
 @pytest.mark.parametrize(
     "option,suggestion",
     [
-        (["--model.lamda_msb", "0.3"], "did you mean 'model.lambda_msb'?"),
+        (["--model.objective.lamda_msb", "0.3"], "did you mean 'model.objective.lambda_msb'?"),
         (["--model.no_such_option", "1"], "unknown option 'model.no_such_option'"),
         (["--data.init_args.batch_sise", "3"], "did you mean 'data.init_args.batch_size'?"),
-        (["--model.lambda_msb", "abc"], "option 'model.lambda_msb': expected float, got 'abc'"),
+        (
+            ["--model.objective.lambda_msb", "abc"],
+            "option 'model.objective.lambda_msb': expected float, got 'abc'",
+        ),
     ],
 )
 def test_a_bad_option_is_one_line_naming_the_closest_key(
@@ -211,7 +219,7 @@ def test_the_prototype_source_of_each_modality_is_logged(tiny_backbone, caplog):
         backbone=tiny_backbone,
         modalities=["text", "image", "audio"],
         prototypes={"image": {"kind": "gaussian", "dim": 16}, "audio": {"kind": "gaussian"}},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     with caplog.at_level("INFO"):
         model.setup("validate")
@@ -223,10 +231,10 @@ def test_the_prototype_source_of_each_modality_is_logged(tiny_backbone, caplog):
 
 def test_a_typo_in_a_config_file_is_one_line_too(tiny_backbone, tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
-    typo.write_text("model:\n  lamda_msb: 0.3\n")
+    typo.write_text("model:\n  objective:\n    lamda_msb: 0.3\n")
     assert main(["fit", *demo_args(tiny_backbone, tmp_path, "--config", str(typo))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did you mean 'model.lambda_msb'?" in err[0]
+    assert len(err) == 1 and "did you mean 'model.objective.lambda_msb'?" in err[0]
 
 
 @pytest.mark.parametrize("given", ["missing.yaml", "a_folder"])

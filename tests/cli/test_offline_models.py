@@ -71,7 +71,7 @@ def test_commongen_needs_an_encoder_decoder_and_tiny_model_gives_one(tmp_path, c
         "--config",
         str(CONFIGS / "cpu.yaml"),
         f"--model.prototypes={json.dumps(GAUSSIAN)}",
-        "--model.enhancer_heads=4",
+        "--model.enhancer.heads=4",
         f"--data.init_args.data_files={json.dumps(files)}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "--trainer.max_steps=1",

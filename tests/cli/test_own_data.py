@@ -47,7 +47,7 @@ def own_data(tmp_path: Path, label_column: str = "sentiment") -> list[str]:
         str(own),
         "--model.prototypes",
         SMALL_PROTOTYPES,
-        "--model.enhancer_heads",
+        "--model.enhancer.heads",
         "4",
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "runs"),

@@ -65,7 +65,7 @@ def squad_args(tiny_backbone: str, tmp_path: Path, data: str) -> list[str]:
         f"--model.backbone={tiny_backbone}",
         "--model.modalities=[text, image]",
         f"--model.prototypes={PROTOTYPES}",
-        "--model.enhancer_heads=4",
+        "--model.enhancer.heads=4",
         f"--data.init_args.data_files={json.dumps({'train': data, 'validation': data})}",
         "--data.init_args.max_length=48",
         "--data.init_args.doc_stride=12",

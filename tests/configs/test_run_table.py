@@ -46,7 +46,7 @@ def test_dry_run_prints_fit_then_validate_for_every_run_of_table_1():
         "lightning_configs/glue_sst2.yaml",
         "--config",
         "lightning_configs/baselines/glue/bert_base.yaml",
-        "--model.learning_rate",
+        "--model.optimizer.learning_rate",
         "5e-5",
     ]
     assert runs[0] == ["fit", *configs, *where, "--trainer.devices", "4"]
@@ -217,12 +217,17 @@ def test_table_1_baselines_run_their_papers_grids(capsys):
         return [r for r in fits if fit_option(r, name).startswith(f"mrpc/{row}/")]
 
     bert = points("bert-base_none_T")
-    assert [float(fit_option(r, "--model.learning_rate")) for r in bert] == [5e-5, 4e-5, 3e-5, 2e-5]
+    assert [float(fit_option(r, "--model.optimizer.learning_rate")) for r in bert] == [
+        5e-5,
+        4e-5,
+        3e-5,
+        2e-5,
+    ]
     assert all("lightning_configs/baselines/glue/bert_base.yaml" in r for r in bert)
     roberta = points("roberta-base_none_T")
     grid = {
         (
-            float(fit_option(r, "--model.learning_rate")),
+            float(fit_option(r, "--model.optimizer.learning_rate")),
             int(fit_option(r, "--data.init_args.batch_size")),
         )
         for r in roberta
@@ -233,7 +238,7 @@ def test_table_1_baselines_run_their_papers_grids(capsys):
         "runs/tables/mrpc/roberta-base_none_T/lr=1e-5,bs=2"
     )
     assert (
-        "# grid of Table 1 bert-base/none/T: model.learning_rate 5e-5, 4e-5, 3e-5, 2e-5 (4 runs a column;"
+        "# grid of Table 1 bert-base/none/T: model.optimizer.learning_rate 5e-5, 4e-5, 3e-5, 2e-5 (4 runs a column;"
         in out
     )
     assert (
@@ -248,7 +253,7 @@ def test_table_1_baselines_run_their_papers_grids(capsys):
     assert out.count(bert_point) == 6  # one a GLUE task
     # LightningCLI reads the point's options over the overlay's values
     config = print_config(roberta[-1], capsys)
-    assert config["model"]["learning_rate"] == 3e-5
+    assert config["model"]["optimizer"]["learning_rate"] == 3e-5
     assert config["data"]["init_args"]["batch_size"] == 4
 
 
@@ -304,7 +309,7 @@ def test_each_grid_point_is_a_run_that_resumes_on_its_own(tmp_path):
                     {
                         "row": "b/none/T",
                         "overlays": [],
-                        "grid": {"model.learning_rate": [1.0e-5, 2.0e-5]},
+                        "grid": {"model.optimizer.learning_rate": [1.0e-5, 2.0e-5]},
                     }
                 ],
             }
@@ -320,7 +325,7 @@ def test_each_grid_point_is_a_run_that_resumes_on_its_own(tmp_path):
     assert "done already b/none/T / sst2 lr=1e-5" in result.stdout
     assert "done already b/none/T / sst2 lr=2e-5" in result.stdout
     assert "$ macsc" not in result.stdout
-    spec["tables"][1]["rows"][0]["grid"] = {"model.learning_rate": []}
+    spec["tables"][1]["rows"][0]["grid"] = {"model.optimizer.learning_rate": []}
     rows.write_text(yaml.safe_dump(spec))
     result = run_table("--rows", rows, "--table", "1", "--dry-run")
     assert result.returncode != 0 and "row b/none/T: grid should map options to" in result.stderr

@@ -12,6 +12,7 @@ import yaml
 from macsc.analysis.runs import row_id
 from macsc.cli import main
 from macsc.method.network import MaCSCNetwork
+from macsc.method.options import EnhancerOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "scripts" / "table_rows.yaml").read_text())
@@ -70,13 +71,13 @@ def test_each_row_composes_and_its_config_names_the_row(row, column, capsys):
     baseline = next((name for name in names if name.startswith("baselines/")), None)
     if baseline is None:
         return
-    model, trainer = config["model"], config["trainer"]
+    optimizer, trainer = config["model"]["optimizer"], config["trainer"]
     total = config["data"]["init_args"]["batch_size"] * trainer["devices"]
-    adam_epsilon = model["adam_epsilon"] if model["optimizer"] == "adamw" else None
-    resolved = (total, model["learning_rate"], trainer["max_epochs"], model["weight_decay"])
-    assert (*resolved, model["warmup_ratio"], adam_epsilon) == PAPER_SETTINGS[baseline]
+    adam_epsilon = optimizer["adam_epsilon"] if optimizer["name"] == "adamw" else None
+    resolved = (total, optimizer["learning_rate"], trainer["max_epochs"], optimizer["weight_decay"])
+    assert (*resolved, optimizer["warmup_ratio"], adam_epsilon) == PAPER_SETTINGS[baseline]
     if row.startswith("t5-3b"):
-        assert (model["optimizer"], model["lr_schedule"]) == ("adafactor", "constant")
+        assert (optimizer["name"], optimizer["schedule"]) == ("adafactor", "constant")
 
 
 def test_every_baseline_overlay_is_launched():
@@ -93,7 +94,7 @@ def test_modalities_with_the_same_frozen_source_share_one_copy(tiny_backbone):
         tiny_backbone,
         ["text", "image", "audio", "video"],
         {"image": shared, "audio": dict(shared), "video": noise},
-        enhancer_heads=4,
+        enhancer=EnhancerOptions(heads=4),
     )
     extractors = network.extractors
     assert extractors["image"] is extractors["audio"]
@@ -101,7 +102,7 @@ def test_modalities_with_the_same_frozen_source_share_one_copy(tiny_backbone):
         tiny_backbone,
         ["text", "image", "audio"],
         {"image": noise, "audio": noise},
-        enhancer_heads=4,
+        enhancer=EnhancerOptions(heads=4),
     ).extractors
     # noise with the same options is still one stream per modality (Table 5's control)
     assert both["image"] is not both["audio"]

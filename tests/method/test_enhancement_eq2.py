@@ -109,7 +109,7 @@ def test_enhancer_defaults_and_its_parameters():
     # without the feed-forward block there is no norm of it either (nothing extra to train)
     assert not any(name.startswith("ff_") for name, _ in module.named_parameters())
     with pytest.raises(
-        ValueError, match="enhancer_heads=8 must divide the backbone hidden size 20"
+        ValueError, match="model.enhancer.heads=8 must divide the backbone hidden size 20"
     ):
         ConceptEnhancer(20, 4)
 

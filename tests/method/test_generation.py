@@ -38,7 +38,7 @@ def model(backbone: str, modalities=("text", "image", "audio"), head_options=Non
         modalities=list(modalities),
         prototypes=PROTOTYPES,
         task=TASK,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
         head_options=HEAD_OPTIONS | (head_options or {}),
         **options,
     ).eval()
@@ -246,9 +246,9 @@ def test_checkpointed_blocks_recompute_the_same_graph(tiny_t5):
 
 
 def test_generation_has_no_self_balancing_loss(tiny_t5):
-    assert model(tiny_t5).hparams.lambda_msb is None  # the kind's default: 0 for generation
+    assert model(tiny_t5).hparams.objective["lambda_msb"] is None  # the kind's default: 0
     with pytest.raises(ConfigError, match="no self-balancing loss"):
-        model(tiny_t5, lambda_msb=0.2)
+        model(tiny_t5, objective={"lambda_msb": 0.2})
 
 
 def write_split(path: Path, rows: list[tuple[list[str], str]]) -> str:
@@ -272,7 +272,7 @@ def test_fit_then_test_through_the_cli_writes_predictions_and_metrics(tiny_t5, t
         str(ROOT / "lightning_configs" / "cpu.yaml"),
         f"--model.backbone={tiny_t5}",
         f"--model.prototypes={json.dumps(PROTOTYPES | {'video': {'kind': 'gaussian', 'dim': 16, 'k': 4, 'seed': 2}})}",
-        "--model.enhancer_heads=4",
+        "--model.enhancer.heads=4",
         '--model.head_options={"num_beams": 2, "max_new_tokens": 6}',
         f"--data.init_args.data_files={json.dumps({'train': train, 'validation': validation})}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from macsc.method.allocation import class_prior, debiased_distribution
 from macsc.method.objective import DeviceGroup, gather_batch
+from macsc.method.options import ObjectiveOptions
 from macsc.training.module import MaCSC
 
 PROTOTYPES = {
@@ -37,7 +38,7 @@ SENTENCES = [
 
 def model_of(backbone: str, kind: str, **options) -> MaCSC:
     torch.manual_seed(0)
-    options = {"enhancer_heads": 4, "prototypes": PROTOTYPES, **options}
+    options = {"enhancer": {"heads": 4}, "prototypes": PROTOTYPES, **options}
     return MaCSC(
         backbone=backbone, modalities=["text", "image", "audio"], task=KINDS[kind], **options
     ).eval()
@@ -114,11 +115,11 @@ def test_regression_targets_are_debiased_soft_bins(tiny_backbone):
 
 @pytest.mark.parametrize("lam", [0.1, 0.5, 2.0])
 def test_total_is_wa_plus_lambda_times_msb(tiny_backbone, lam):
-    model = model_of(tiny_backbone, "classification", lambda_msb=lam)
+    model = model_of(tiny_backbone, "classification", objective={"lambda_msb": lam})
     batch = batch_of(model, tiny_backbone, "classification")
     with torch.no_grad():
         losses = model.compute_losses(batch, model(batch))
-    reference = model_of(tiny_backbone, "classification", lambda_msb=1.0)
+    reference = model_of(tiny_backbone, "classification", objective={"lambda_msb": 1.0})
     with torch.no_grad():
         unit = reference.compute_losses(batch, reference(batch))
     torch.testing.assert_close(losses["msb"], unit["msb"])  # lambda weighs it, nothing else
@@ -129,8 +130,8 @@ def test_total_is_wa_plus_lambda_times_msb(tiny_backbone, lam):
 def test_reduction_sum_sums_both_terms(tiny_backbone, kind):
     """Eq. 8 and Eq. 12 both sum over the examples: with `sum` the whole objective is B times
     its `mean` value, so lambda keeps its meaning."""
-    mean = model_of(tiny_backbone, kind, reduction="mean")
-    summed = model_of(tiny_backbone, kind, reduction="sum")
+    mean = model_of(tiny_backbone, kind, objective={"reduction": "mean"})
+    summed = model_of(tiny_backbone, kind, objective={"reduction": "sum"})
     batch = batch_of(mean, tiny_backbone, kind)
     with torch.no_grad():
         a, b = mean.compute_losses(batch, mean(batch)), summed.compute_losses(batch, summed(batch))
@@ -203,7 +204,7 @@ def test_the_class_prior_comes_from_the_skewed_training_split(tiny_backbone, tmp
         modalities=["text", "image"],
         prototypes={"image": {"kind": "gaussian", "dim": 8, "k": 2}},
         task=DemoDataModule().task_spec.to_dict(),
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -280,7 +281,10 @@ def test_the_calibration_exists_for_two_or_more_modalities_with_msb_on():
 
     head = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 2, hidden_size=4)
     assert MaCSCObjective(["text", "image"], 4, head).calibration is not None
-    assert MaCSCObjective(["text", "image"], 4, head, lambda_msb=0).calibration is None
+    assert (
+        MaCSCObjective(["text", "image"], 4, head, ObjectiveOptions(lambda_msb=0)).calibration
+        is None
+    )
     solo = build_task_head(TaskSpec("classification", 3, ["accuracy"]), 1, hidden_size=4)
     assert MaCSCObjective(["text"], 4, solo).calibration is None
 
@@ -299,5 +303,5 @@ def test_the_objective_gathers_only_when_asked_and_there_are_other_ranks():
 
     by_default = MaCSCObjective(["text", "image"], 4, head)  # gather_across_devices off
     assert torch.isfinite(by_default(head, output, batch, DeviceGroup(no_gather, 2, 0))["total"])
-    alone = MaCSCObjective(["text", "image"], 4, head, gather_across_devices=True)
+    alone = MaCSCObjective(["text", "image"], 4, head, ObjectiveOptions(gather_across_devices=True))
     assert torch.isfinite(alone(head, output, batch, DeviceGroup(no_gather, 1, 0))["total"])

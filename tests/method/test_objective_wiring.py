@@ -13,6 +13,7 @@ import torch
 from macsc.errors import ConfigError
 from macsc.method.heads import HeadOutput, build_task_head
 from macsc.method.objective import DeviceGroup, MaCSCObjective
+from macsc.method.options import ObjectiveOptions
 from macsc.task import TaskSpec
 from tests.method.test_calibration_reference import reference_msb
 
@@ -30,7 +31,8 @@ def span():
 
 def objective_of(head, **options):
     torch.manual_seed(0)
-    objective = MaCSCObjective(MODALITIES, HIDDEN, head, proj_dim=4, **options).double()
+    options = ObjectiveOptions(proj_dim=4, **options)
+    objective = MaCSCObjective(MODALITIES, HIDDEN, head, options).double()
     with torch.no_grad():
         objective.calibration.z.copy_(torch.randn(3, 3))
         objective.rho_logits.copy_(torch.tensor([0.2, -0.1, 0.4]))
@@ -103,7 +105,7 @@ def test_the_checked_terms_are_wa_msb_and_every_pair():
     assert objective.term_names == ["wa", "msb", *pairs]
     want = torch.cat([result["wa"].reshape(1), result["msb"].reshape(1), result["pairs"]])
     torch.testing.assert_close(objective.terms(result), want.float())
-    alone = MaCSCObjective(MODALITIES, HIDDEN, head, lambda_msb=0.0)
+    alone = MaCSCObjective(MODALITIES, HIDDEN, head, ObjectiveOptions(lambda_msb=0.0))
     assert alone.term_names == ["wa"] and alone.calibration is None
     torch.testing.assert_close(alone.terms({"wa": torch.tensor(2.5)}), torch.tensor([2.5]))
 
@@ -117,8 +119,8 @@ def test_defaults_and_what_a_kind_without_late_fusion_refuses():
     assert objective.class_prior.tolist() == pytest.approx([1 / 3] * 3)
     assert MaCSCObjective(MODALITIES, HIDDEN, span()).alpha == 0.0  # spans have no prior
     generation = build_task_head(TaskSpec("generation", 1, ["bleu_4"]), 3, HIDDEN)
-    with pytest.raises(ConfigError, match="model.lambda_msb=0.2: a generation task has one"):
-        MaCSCObjective(MODALITIES, HIDDEN, generation, lambda_msb=0.2)
+    with pytest.raises(ConfigError, match="model.objective.lambda_msb=0.2: a generation task"):
+        MaCSCObjective(MODALITIES, HIDDEN, generation, ObjectiveOptions(lambda_msb=0.2))
     assert MaCSCObjective(["text"], HIDDEN, head).calibration is None
 
 

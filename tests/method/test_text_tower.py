@@ -240,7 +240,7 @@ def test_squad_v2_scores_no_answer_at_each_windows_final_eot(tiny_clip, tmp_path
         backbone=None,
         modalities=["text"],
         task={"kind": "span", "num_labels": 2, "metrics": ["exact", "f1"]},
-        lambda_msb=0.0,
+        objective={"lambda_msb": 0.0},
         text_tower=tower_options(tiny_clip[1]),
     ).eval()
     data = SquadDataModule(

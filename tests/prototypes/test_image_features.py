@@ -172,7 +172,7 @@ def test_a_short_fit_reads_the_features_by_id(tiny_backbone, tmp_path):
         tiny_backbone,
         "--model.prototypes",
         json.dumps({"image": source}),
-        "--model.enhancer_heads",
+        "--model.enhancer.heads",
         "4",
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "runs"),

@@ -34,7 +34,7 @@ def test_half_precision_storage_changes_outputs_less_than_bf16_compute(tiny_back
         modalities=["text", "image", "audio", "video"],
         prototypes=PAPER_SHAPES,
         task={"kind": "classification", "num_labels": 3, "metrics": ["accuracy"]},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     ).eval()
     full = first_batch(model, tiny_backbone, "float32")
     half = first_batch(model, tiny_backbone, "float16")

@@ -58,8 +58,8 @@ def loss_model(backbone: str, gather: bool, kind: str = "classification") -> Los
         modalities=["text", "image", "audio"],
         prototypes=PROTOTYPES,
         task=TASKS[kind],
-        enhancer_heads=4,
-        gather_across_devices=gather,
+        enhancer={"heads": 4},
+        objective={"gather_across_devices": gather},
     )
     return model.eval()  # no dropout: both sides see the same function
 
@@ -197,7 +197,8 @@ def test_ddp_run_with_gather_a_ragged_last_batch_and_a_skipped_nan(tiny_backbone
         f"      init_args: {{folder: {tmp_path}}}\n"
     )
     args = demo_args(tiny_backbone, tmp_path, "--config", str(overlay))
-    args += ["--model.modalities", "[text, image, audio]", "--model.gather_across_devices", "true"]
+    args += ["--model.modalities", "[text, image, audio]"]
+    args += ["--model.objective.gather_across_devices", "true"]
     args += ["--model.nonfinite", "skip", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     # 37 examples: 19 per rank (one repeated to even out), batches of 16 and 3, two epochs
     args += ["--data.init_args.data_fraction", "0.04625", "--trainer.limit_val_batches", "1"]

@@ -7,7 +7,7 @@ import torch
 
 from macsc.training.checkpoints import upgrade_state_dict
 from macsc.training.module import MaCSC
-from macsc.training.optim import build_optimizer
+from macsc.training.optim import OptimizerOptions, build_optimizer
 
 LEGACY = Path(__file__).parents[1] / "data" / "legacy_state_dict_keys.txt"
 
@@ -32,7 +32,7 @@ def today_model(backbone: str) -> MaCSC:
             "audio": {"kind": "gaussian", "dim": 24, "k": 4, "seed": 1},
         },
         task={"kind": "classification", "num_labels": 3},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
 
 
@@ -70,7 +70,7 @@ def test_optimizer_groups_keep_their_legacy_order_so_saved_states_pair_up(tiny_b
     model = today_model(tiny_backbone)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     legacy = list(upgrade_state_dict(dict.fromkeys(key for key, _ in legacy_layout())))
-    optimizer = build_optimizer(model, 1e-4, 0.01, 1e-8)
+    optimizer = build_optimizer(model, OptimizerOptions())
     for group in optimizer.param_groups:
         members = [names[id(parameter)] for parameter in group["params"]]
         assert members == [key for key in legacy if key in set(members)]

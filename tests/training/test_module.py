@@ -60,7 +60,7 @@ def test_forward_backward_every_modality_set_and_kind(tiny_backbone, modalities,
         modalities=modalities,
         prototypes=GAUSSIAN,
         task=task,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     batch = make_batch(model, tiny_backbone, labels)
     forward = model(batch)
@@ -90,8 +90,8 @@ def test_lambda_zero_gives_the_aggregation_loss_alone(tiny_backbone):
         modalities=["text", "image"],
         prototypes=GAUSSIAN,
         task=CLASSIFICATION,
-        lambda_msb=0.0,
-        enhancer_heads=4,
+        objective={"lambda_msb": 0.0},
+        enhancer={"heads": 4},
     )
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     losses = model.compute_losses(batch, model(batch))
@@ -104,7 +104,7 @@ def test_enhancement_false_skips_attention(tiny_backbone):
         modalities=["text", "image"],
         prototypes=GAUSSIAN,
         task=CLASSIFICATION,
-        enhancement=False,
+        enhancer={"enabled": False},
     )
     assert not hasattr(model.network.enhancers["image"], "attention")
     model.eval()
@@ -130,7 +130,7 @@ def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
         modalities=["text", "image", "audio"],
         prototypes=GAUSSIAN,
         task=CLASSIFICATION,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     ).eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
@@ -183,7 +183,7 @@ def test_prior_debiasing_changes_allocation(tiny_backbone):
         modalities=["text", "image"],
         prototypes=GAUSSIAN,
         task=CLASSIFICATION,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     logits = torch.randn(2, 4, 3)
     prior = torch.tensor([0.7, 0.2, 0.1])

@@ -36,7 +36,7 @@ def make_model(backbone: str, **options) -> MaCSC:
         modalities=["text", "image", "audio"],
         prototypes=PROTOTYPES,
         task={"kind": "classification", "num_labels": 2},
-        enhancer_heads=4,
+        enhancer={"heads": 4},
         **options,
     )
 

@@ -94,7 +94,7 @@ def test_pooled_text_branch_matches_the_full_computation(tiny_backbone, pooling)
         modalities=["text", "image", "audio"],
         prototypes=GAUSSIAN,
         task=TASK,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
         text_pooling=pooling,
     ).eval()
     batch = make_batch(model, tiny_backbone)
@@ -144,7 +144,7 @@ def test_logger_gets_every_value_at_every_log_step(tiny_backbone):
         modalities=["text", "image", "audio"],
         prototypes=GAUSSIAN,
         task=TASK,
-        enhancer_heads=4,
+        enhancer={"heads": 4},
     )
     batch = make_batch(model, tiny_backbone)
     logger = RecordingLogger()
@@ -170,7 +170,9 @@ def test_logger_gets_every_value_at_every_log_step(tiny_backbone):
 
 
 def test_optimizer_is_fused_adamw_on_cpu(tiny_backbone):
-    model = MaCSC(backbone=tiny_backbone, modalities=["text"], task=TASK, lambda_msb=0.0)
+    model = MaCSC(
+        backbone=tiny_backbone, modalities=["text"], task=TASK, objective={"lambda_msb": 0.0}
+    )
     trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False)
     model.trainer = trainer
     optimizer = model.configure_optimizers()["optimizer"]

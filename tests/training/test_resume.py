@@ -80,8 +80,8 @@ def fit(backbone: str, *callbacks: L.Callback, ckpt_path=None) -> MaCSC:
         modalities=["text", "image", "audio"],
         prototypes=PROTOTYPES,
         task=DemoDataModule().task_spec.to_dict(),
-        enhancer_heads=4,
-        warmup_ratio=0.3,  # warm-up and decay both fall inside the run
+        enhancer={"heads": 4},
+        optimizer={"warmup_ratio": 0.3},  # warm-up and decay both fall inside the run
     )
     data = DemoDataModule(batch_size=8, eval_batch_size=16, max_length=32, data_fraction=0.04)
     trainer = L.Trainer(
