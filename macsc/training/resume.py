@@ -134,16 +134,26 @@ def _start_next_epoch(trainer: L.Trainer) -> None:
     fit_loop.epoch_loop.restarting = False
 
 
+#: where the Python frames that call a collective live: ``torch.distributed`` itself, and DDP's
+#: module, whose forward broadcasts buffers (``_sync_buffers``) before every step
+COLLECTIVE_CALLERS = (
+    os.path.join("torch", "distributed", ""),
+    os.path.join("torch", "nn", "parallel", "distributed.py"),
+)
+
+
 def _raised_by_torch_distributed(exception: BaseException) -> bool:
     """Whether the exception comes from a ``torch.distributed`` collective (gloo and NCCL
-    raise plain RuntimeErrors): the innermost Python frame is in ``torch/distributed``."""
+    raise plain RuntimeErrors): the innermost Python frame is one of :data:`COLLECTIVE_CALLERS`.
+    A rank that dies while another is in DDP's buffer broadcast fails there, not in
+    ``torch/distributed``."""
     if isinstance(exception, getattr(torch.distributed, "DistError", ())):
         return True
     traceback, innermost = exception.__traceback__, None
     while traceback is not None:
         innermost, traceback = traceback.tb_frame, traceback.tb_next
     where = innermost.f_code.co_filename if innermost is not None else ""
-    return isinstance(exception, RuntimeError) and os.path.join("torch", "distributed") in where
+    return isinstance(exception, RuntimeError) and any(c in where for c in COLLECTIVE_CALLERS)
 
 
 def lost_rank_message(exception: BaseException) -> str | None:

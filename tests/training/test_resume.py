@@ -199,3 +199,29 @@ def test_loader_state_resumes_the_length_grouped_order_mid_epoch():
     other = loader()
     other.load_state_dict({"epoch": 0, "batches": 3})
     assert epoch(other, 1) == epochs[1]
+
+
+def _raised_in(filename: str, error: type[BaseException] = RuntimeError) -> BaseException:
+    """An exception whose innermost frame is in ``filename`` (as gloo's errors surface)."""
+    code = compile(f"raise {error.__name__}('Connection reset by peer')", filename, "exec")
+    try:
+        exec(code, {error.__name__: error})
+    except BaseException as raised:  # noqa: BLE001 - the point is to catch it
+        return raised
+    raise AssertionError("nothing raised")
+
+
+@pytest.mark.parametrize(
+    ("filename", "error", "collective"),
+    [
+        ("/site-packages/torch/distributed/distributed_c10d.py", RuntimeError, True),
+        # a rank that dies while another is in DDP's buffer broadcast before its forward
+        ("/site-packages/torch/nn/parallel/distributed.py", RuntimeError, True),
+        ("/site-packages/torch/nn/modules/module.py", RuntimeError, False),
+        ("/site-packages/torch/distributed/distributed_c10d.py", ValueError, False),
+    ],
+)
+def test_a_collective_failure_is_recognised_wherever_ddp_calls_it(filename, error, collective):
+    from macsc.training.resume import _raised_by_torch_distributed
+
+    assert _raised_by_torch_distributed(_raised_in(filename, error)) is collective
