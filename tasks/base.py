@@ -20,6 +20,10 @@ A batch is a dict, padded to the longest sequence in the batch:
   stored features of each example, looked up by its id (SPEC 14);
 - ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
   no entry in ``prototypes``; the model extracts from the texts).
+
+Each split is tokenised once: the first run (rank 0, in ``prepare_data``) stores the columns that
+:meth:`MaCSCDataModule.tokenize` makes in the token cache (:mod:`tasks.token_cache`), beside the
+prototype cache; every later run and every other rank maps them in ``setup``.
 """
 
 from __future__ import annotations
@@ -27,97 +31,39 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from macsc.errors import ConfigError, DataError
 from macsc.paths import load_tokenizer
 from macsc.prototypes import (
     ImageFeatureSource,
+    IndexedTexts,
     PrototypeExtractor,
     PrototypeTable,
     check_storage_dtype,
     index_texts,
     prototype_table,
+    resolve_cache_dir,
 )
 from macsc.task import TaskSpec
 from tasks.collate import Collator
 from tasks.labels import has_classes, label_classes
 from tasks.sampling import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
+from tasks.splits import EncodedSplit, TextSplit, fraction_indices
+from tasks.token_cache import (
+    Columns,
+    cached_columns,
+    ordered_digest,
+    token_cache_key,
+    tokenizer_fingerprint,
+)
 
 ROLES = ("train", "validation", "test")
-
-
-@dataclass
-class TextSplit:
-    """The raw examples of one split.
-
-    name: the split's name (``train``, ``validation_matched``, ...).
-    source: where it was read from (a file or a hub dataset), named in error messages.
-    segments: one list of ``N`` texts per segment column (two for pair tasks).
-    labels: ``N`` labels (int class indices or float scores), or None when the split is unlabelled.
-    ids: ``N`` ids of the examples as the source gives them (GLUE's ``idx``), or None; written
-        in prediction records, which otherwise use the example's position. The data module
-        fills None with each example's position in its split (before ``data_fraction``), so
-        every example read has an id (image features are keyed by it).
-    """
-
-    name: str
-    source: str
-    segments: list[list[str]]
-    labels: list[int] | list[float] | None = None
-    ids: list[Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self.segments[0])
-
-    def subset(self, indices: list[int]) -> TextSplit:
-        """The examples at ``indices``, in that order."""
-        return TextSplit(
-            self.name,
-            self.source,
-            [[texts[i] for i in indices] for texts in self.segments],
-            None if self.labels is None else [self.labels[i] for i in indices],
-            None if self.ids is None else [self.ids[i] for i in indices],
-        )
-
-
-def fraction_indices(size: int, fraction: float, seed: int) -> list[int]:
-    """Sorted indices of a seeded random ``fraction`` of ``size`` examples (at least one).
-
-    Depends only on ``(size, fraction, seed)``, so every DDP rank, and ``prepare_data`` and
-    ``setup``, pick the same subset.
-    """
-    if fraction >= 1.0:
-        return list(range(size))
-    count = max(1, round(size * fraction))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-class EncodedSplit(Dataset):
-    """Tokenised examples of one split: one dict of python values per item, unpadded.
-
-    columns: field name -> ``N`` values; ``input_ids`` (and ``token_type_ids``) hold lists of
-    ints, every other field one scalar per example (``example_index``, ``labels``, ...).
-    """
-
-    def __init__(self, columns: dict[str, list]) -> None:
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(self.columns["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {name: values[index] for name, values in self.columns.items()}
-
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.columns["input_ids"]]
 
 
 class MaCSCDataModule(L.LightningDataModule):
@@ -132,8 +78,8 @@ class MaCSCDataModule(L.LightningDataModule):
             low-resource setting is 0.05); a seeded random subset, the same on every rank.
         seed: seed of the subset and of the training shuffle.
         prototype_batch_size: texts per extractor call when filling the prototype cache.
-        cache_dir: prototype cache folder; None uses ``$MACSC_CACHE`` or ``~/.cache/macsc``,
-            False turns the on-disk cache off.
+        cache_dir: the folder of the prototype and token caches; None uses ``$MACSC_CACHE`` or
+            ``~/.cache/macsc``, False turns both on-disk caches off.
         prototype_dtype: how prototypes are stored, ``auto`` (bfloat16 where extraction runs
             in bf16, else float16), ``float16``, ``bfloat16`` or ``float32``; part of the key.
         group_by_length: batch training examples of similar length together (faster).
@@ -195,6 +141,7 @@ class MaCSCDataModule(L.LightningDataModule):
         self._texts: dict[str, TextSplit] = {}
         self._tables: dict[str, dict[str, list[PrototypeTable]]] = {}
         self._encoded: dict[str, EncodedSplit] = {}
+        self._indexed: dict[str, tuple[TextSplit, list[IndexedTexts]]] = {}
 
     # What a task declares.
 
@@ -214,21 +161,49 @@ class MaCSCDataModule(L.LightningDataModule):
         """Read split ``name``; raise :class:`DataError` when it is missing or malformed."""
         raise NotImplementedError
 
-    def encode(self, split: TextSplit) -> EncodedSplit:
-        """Tokenise a split (one or two segments), unpadded, truncated to ``max_length``."""
+    def tokenize(self, split: TextSplit) -> Columns:
+        """What the tokenizer makes of a split, stored in the token cache: here ``input_ids``
+        (and ``token_type_ids``) of its one or two segments, unpadded, truncated to
+        ``max_length`` (pairs: longest first). Integer columns only, one sequence or one int per
+        item; a task that changes what this makes changes :meth:`encoding_key` (or
+        :data:`tasks.token_cache.FORMAT_VERSION`) with it."""
         encoded = self.tokenizer(
             *split.segments,
             truncation=True,
             max_length=self.max_length,
             return_attention_mask=False,
         )
-        columns: dict[str, list] = {"input_ids": encoded["input_ids"]}
+        columns: Columns = {"input_ids": encoded["input_ids"]}
         if "token_type_ids" in encoded:
             columns["token_type_ids"] = encoded["token_type_ids"]
-        columns["example_index"] = list(range(len(split)))
+        return columns
+
+    def encoding_key(self, split: TextSplit) -> dict[str, Any]:
+        """Everything besides the tokenizer that changes what :meth:`tokenize` makes of
+        ``split``: the ordered texts of each segment (digests), ``max_length``, the truncation
+        rule. Part of the token cache's key (:mod:`tasks.token_cache`)."""
+        return {
+            "segments": [
+                ordered_digest(texts.digest, texts.rows.numpy())
+                for texts in self._indexed_segments(split)
+            ],
+            "max_length": self.max_length,
+            "truncation": "longest_first",
+        }
+
+    def encoded_split(self, split: TextSplit, columns: Columns) -> EncodedSplit:
+        """The dataset of ``split`` from its tokenised ``columns`` (made by :meth:`tokenize` or
+        read from the token cache): here those, each example's position and its label."""
+        fields = {**columns, "example_index": range(len(split))}
         if split.labels is not None:
-            columns["labels"] = list(split.labels)
-        return EncodedSplit(columns)
+            fields["labels"] = list(split.labels)
+        return EncodedSplit(fields)
+
+    def encode(self, split: TextSplit) -> EncodedSplit:
+        """The dataset of ``split``: tokenised once and stored in the token cache, read from it
+        afterwards; tokenised in memory when the cache is off (``cache_dir: false``)."""
+        columns = self._cached_columns(split)
+        return self.encoded_split(split, self.tokenize(split) if columns is None else columns)
 
     # Wiring: what is known only once the model is built.
 
@@ -301,14 +276,18 @@ class MaCSCDataModule(L.LightningDataModule):
     # Lightning hooks.
 
     def prepare_data(self) -> None:
-        """Read the splits the trainer's stage needs and fill the prototype cache for them.
+        """Read the splits the trainer's stage needs and fill the prototype and token caches
+        for them.
 
-        Lightning runs this on global rank 0 only; the other ranks read the cache in ``setup``.
+        Lightning runs this on one process per node; the other ranks read the caches in
+        ``setup``.
         """
         trainer = getattr(self, "trainer", None)
         stage = getattr(getattr(trainer, "state", None), "fn", None)
         for name, needs_labels in self._splits_for(getattr(stage, "value", stage)):
-            self._prototype_tables(name, self._text_split(name, needs_labels))
+            split = self._text_split(name, needs_labels)
+            self._prototype_tables(name, split)
+            self._cached_columns(split)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, tokenise and look up the prototypes of the splits ``stage`` needs."""
@@ -407,8 +386,7 @@ class MaCSCDataModule(L.LightningDataModule):
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             options["dtype"] = self.prototype_dtype
             cacheable = {m: e for m, e in self.extractors.items() if e.cacheable}
-            # deduplicated once per segment column, whatever the number of extractors
-            segments = [index_texts(texts) for texts in split.segments] if cacheable else []
+            segments = self._indexed_segments(split) if cacheable else []
             self._tables[name] = {
                 modality: [
                     prototype_table(
@@ -428,6 +406,30 @@ class MaCSCDataModule(L.LightningDataModule):
                 if isinstance(source, ImageFeatureSource):
                     self._tables[name][modality] = [source.table(name, task, split.ids)]
         return self._tables[name]
+
+    def _indexed_segments(self, split: TextSplit) -> list[IndexedTexts]:
+        """Each segment column of ``split`` deduplicated and digested once, whatever the number
+        of extractors, for the prototype tables and the token cache's key."""
+        known = self._indexed.get(split.name)
+        if known is None or known[0] is not split:
+            known = (split, [index_texts(texts) for texts in split.segments])
+            self._indexed[split.name] = known
+        return known[1]
+
+    def _cached_columns(self, split: TextSplit) -> Columns | None:
+        """``split``'s tokenised columns from the token cache, built there first if missing;
+        None when the cache is off or the tokenizer cannot be fingerprinted."""
+        folder = resolve_cache_dir(self.cache_dir)
+        fingerprint = None if folder is None else tokenizer_fingerprint(self.tokenizer)
+        if fingerprint is None:
+            return None
+        described = {
+            "data_module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "tokenizer": fingerprint,
+            **self.encoding_key(split),
+        }
+        key = token_cache_key(described)
+        return cached_columns(folder, key, described, lambda: self.tokenize(split))
 
     def _dataset(self, name: str, needs_labels: bool) -> EncodedSplit:
         """Split ``name`` tokenised once, with its prototype tables ready for the collator."""

@@ -4,9 +4,11 @@ batch format is described in :mod:`tasks.base`)."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
@@ -17,13 +19,18 @@ from macsc.prototypes import PrototypeTable
 PADDED_FIELDS = ("input_ids", "token_type_ids")
 
 
-def pad(sequences: list[list[int]], value: int) -> Tensor:
-    """Right-pad lists of ints to the longest: ``(B, l)`` long."""
+def pad(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
+    """Right-pad sequences of ints (lists, or arrays mapped from the token cache) to the
+    longest: ``(B, l)`` long."""
     real = real_positions([len(sequence) for sequence in sequences])
     out = torch.full(real.shape, value, dtype=torch.long)
     # one tensor from all the values, placed in row-major order (a loop of one small tensor per
     # row was most of the collator's time)
-    out[real] = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
+    if sequences and isinstance(sequences[0], np.ndarray):
+        values = torch.from_numpy(np.concatenate(sequences).astype(np.int64))
+    else:
+        values = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
+    out[real] = values
     return out
 
 
