@@ -64,6 +64,9 @@ _ALIGN = 64
 
 _INTEGER_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64)
 
+#: hash of a backend tokenizer's JSON -> :func:`_backend_digest` of it
+_BACKEND_DIGESTS: dict[str, str] = {}
+
 #: tokenizer init arguments that say where files were, not what the tokenizer does
 _LOCATION_ARGUMENTS = ("name_or_path", "is_local", "local_files_only", "cache_dir")
 
@@ -91,6 +94,19 @@ def json_digest(value: Any) -> str:
     return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _backend_digest(serialised: str) -> str:
+    """The digest of a fast tokenizer's backend JSON without its last call's truncation and
+    padding, which each call's arguments set (the encoding key holds those); remembered by the
+    hash of the JSON, since writing the definition out again takes ~0.1 s at 30k words."""
+    raw = hashlib.sha256(serialised.encode("utf-8", "surrogatepass")).hexdigest()
+    if raw not in _BACKEND_DIGESTS:
+        definition = json.loads(serialised)
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        _BACKEND_DIGESTS[raw] = json_digest(definition)
+    return _BACKEND_DIGESTS[raw]
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
     """What decides the ids a Hugging Face tokenizer gives: its class and name, a hash of its
     whole definition (a fast tokenizer's backend JSON: vocabulary, merges, normaliser,
@@ -99,18 +115,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
     offers neither a backend nor a vocabulary: its splits are tokenised in memory every run."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        definition = json.loads(backend.to_str())
-        # the last call's truncation and padding: set by each call's arguments, which the
-        # encoding key holds, not by the tokenizer
-        definition.pop("truncation", None)
-        definition.pop("padding", None)
+        definition = _backend_digest(backend.to_str())
     elif callable(getattr(tokenizer, "get_vocab", None)):
         settings = {
             name: value
             for name, value in getattr(tokenizer, "init_kwargs", {}).items()
             if name not in _LOCATION_ARGUMENTS and not name.endswith("_file")
         }
-        definition = {"vocabulary": sorted(tokenizer.get_vocab().items()), "settings": settings}
+        definition = json_digest(
+            {"vocabulary": sorted(tokenizer.get_vocab().items()), "settings": settings}
+        )
     else:
         return None
     import tokenizers
@@ -120,7 +134,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
     return {
         "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
         "name": str(getattr(tokenizer, "name_or_path", "")),
-        "definition": json_digest(definition),
+        "definition": definition,
         "special_tokens": {name: str(token) for name, token in special.items()},
         "special_ids": [int(i) for i in getattr(tokenizer, "all_special_ids", [])],
         "padding_side": getattr(tokenizer, "padding_side", None),
