@@ -290,7 +290,8 @@ class MaCSCDataModule(L.LightningDataModule):
             self._cached_columns(split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, tokenise and look up the prototypes of the splits ``stage`` needs."""
+        """Read the splits ``stage`` needs, map their tokens from the token cache (tokenising
+        only what it lacks) and look up their prototypes."""
         for name, needs_labels in self._splits_for(stage):
             self._dataset(name, needs_labels)
 
