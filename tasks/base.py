@@ -5,21 +5,11 @@ has (:meth:`~MaCSCDataModule.split_names`) and how to read one
 (:meth:`~MaCSCDataModule.load_split`); this base does the rest the same way for every task:
 tokenisation, prototype tables (SPEC sections 1.7 and 8), ``data_fraction``, batches, loaders.
 
-A batch is a dict, padded to the longest sequence in the batch:
+A batch is a dict padded to its longest sequence (the format: :mod:`tasks.collate`).
 
-- ``input_ids`` ``(B, l)`` long, ``attention_mask`` ``(B, l)`` long, ``token_type_ids``
-  ``(B, l)`` long when the tokenizer makes them;
-- ``labels`` ``(B,)``, long for classification, float for regression; absent for an unlabelled
-  split;
-- ``example_index`` ``(B,)`` long, the position of each example in its split (after
-  ``data_fraction``), so predictions can be written back in order;
-- ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m), "mask": (B, n_seg * k)
-  bool}}`` for every cacheable extractor, features in the cache's storage dtype
-  (``prototype_dtype``); the segments' prototypes are concatenated along the token axis in
-  segment order (SPEC 1.7); for an ``image_features`` source, ``(B, n_images, d_m)``: the
-  stored features of each example, looked up by its id (SPEC 14);
-- ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
-  no entry in ``prototypes``; the model extracts from the texts).
+Each split is tokenised once: the first run (rank 0, in ``prepare_data``) stores the columns that
+:meth:`MaCSCDataModule.tokenize` makes in the token cache (:mod:`tasks.token_cache`), beside the
+prototype cache; every later run and every other rank maps them in ``setup``.
 """
 
 from __future__ import annotations
@@ -38,11 +28,13 @@ from macsc.errors import ConfigError, DataError
 from macsc.paths import load_tokenizer
 from macsc.prototypes import (
     ImageFeatureSource,
+    IndexedTexts,
     PrototypeExtractor,
     PrototypeTable,
     check_storage_dtype,
     index_texts,
     prototype_table,
+    resolve_cache_dir,
 )
 from macsc.task import TaskSpec
 from tasks.collate import Collator
@@ -55,11 +47,16 @@ from tasks.sampling import (
     training_indices,
     warn_if_few_batches,
 )
-from tasks.splits import EncodedSplit, TextSplit
+from tasks.splits import EncodedSplit, TextSplit, check_split_options, missing_split_error
+from tasks.token_cache import (
+    Columns,
+    cached_columns,
+    ordered_digest,
+    token_cache_key,
+    tokenizer_fingerprint,
+)
 
 __all__ = ["EncodedSplit", "MaCSCDataModule", "TextSplit", "fraction_indices"]
-
-ROLES = ("train", "validation", "test")
 
 
 class MaCSCDataModule(L.LightningDataModule):
@@ -78,8 +75,8 @@ class MaCSCDataModule(L.LightningDataModule):
             A cut that leaves fewer than ``tasks.sampling.FEW_BATCHES`` batches is warned about.
         seed: seed of the subset and of the training shuffle.
         prototype_batch_size: texts per extractor call when filling the prototype cache.
-        cache_dir: prototype cache folder; None uses ``$MACSC_CACHE`` or ``~/.cache/macsc``,
-            False turns the on-disk cache off.
+        cache_dir: the folder of the prototype and token caches; None uses ``$MACSC_CACHE`` or
+            ``~/.cache/macsc``, False turns both on-disk caches off.
         prototype_dtype: how prototypes are stored, ``auto`` (bfloat16 where extraction runs
             in bf16, else float16), ``float16``, ``bfloat16`` or ``float32``; part of the key.
         group_by_length: batch training examples of similar length together (faster).
@@ -106,25 +103,16 @@ class MaCSCDataModule(L.LightningDataModule):
         predict_on: str = "test",
     ) -> None:
         super().__init__()
-        if not 0.0 < data_fraction <= 1.0:
-            raise ConfigError(
-                f"data option data_fraction={data_fraction} is outside (0, 1]; "
-                "use e.g. 0.05 for the paper's 5% low-resource setting or 1.0 for all data"
-            )
-        for option, value in (("test_on", test_on), ("predict_on", predict_on)):
-            if value not in ROLES[1:]:
-                raise ConfigError(
-                    f"data option {option}={value!r} is unknown; choose 'validation' or 'test'"
-                )
-        for option, value in (
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("max_length", max_length),
-            ("prototype_batch_size", prototype_batch_size),
-            ("max_train_examples", 1 if max_train_examples is None else max_train_examples),
-        ):
-            if value < 1:
-                raise ConfigError(f"data option {option}={value} must be a positive integer")
+        check_split_options(
+            data_fraction,
+            test_on,
+            predict_on,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_length=max_length,
+            prototype_batch_size=prototype_batch_size,
+            max_train_examples=1 if max_train_examples is None else max_train_examples,
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -144,6 +132,7 @@ class MaCSCDataModule(L.LightningDataModule):
         self._texts: dict[str, TextSplit] = {}
         self._tables: dict[str, dict[str, list[PrototypeTable]]] = {}
         self._encoded: dict[str, EncodedSplit] = {}
+        self._indexed: dict[str, tuple[TextSplit, list[IndexedTexts]]] = {}
 
     # What a task declares.
 
@@ -170,38 +159,55 @@ class MaCSCDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def missing_split(self, name: str, available: list[str]) -> DataError:
-        """The error for a split ``data_files`` lacks; for a test split, it names the option
-        that would evaluate or predict on the validation split instead."""
-        advice = f"add data_files.{name}=PATH"
-        if name in self.split_names("test"):
-            stage = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
-            stage = getattr(stage, "value", stage)
-            options = [
-                f"--data.init_args.{option} validation"
-                for option, role, reads in (
-                    ("predict_on", self.predict_on, "predict"),
-                    ("test_on", self.test_on, "test"),
-                )
-                if role == "test" and stage in (reads, None)
-            ]
-            advice += f", or use the validation split: {' or '.join(options)}" if options else ""
-        return DataError(f"no {name!r} split: data_files has only {available}; {advice}")
+        """The error for a split ``data_files`` lacks (:func:`tasks.splits.missing_split_error`)."""
+        stage = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+        roles = {"predict_on": self.predict_on, "test_on": self.test_on}
+        is_test = name in self.split_names("test")
+        return missing_split_error(name, available, is_test, getattr(stage, "value", stage), roles)
 
-    def encode(self, split: TextSplit) -> EncodedSplit:
-        """Tokenise a split (one or two segments), unpadded, truncated to ``max_length``."""
+    def tokenize(self, split: TextSplit) -> Columns:
+        """What the tokenizer makes of a split, stored in the token cache: here ``input_ids``
+        (and ``token_type_ids``) of its one or two segments, unpadded, truncated to
+        ``max_length`` (pairs: longest first). Integer columns only, one sequence or one int per
+        item; a task that changes what this makes changes :meth:`encoding_key` (or
+        :data:`tasks.token_cache.FORMAT_VERSION`) with it."""
         encoded = self.tokenizer(
             *split.segments,
             truncation=True,
             max_length=self.max_length,
             return_attention_mask=False,
         )
-        columns: dict[str, list] = {"input_ids": encoded["input_ids"]}
+        columns: Columns = {"input_ids": encoded["input_ids"]}
         if "token_type_ids" in encoded:
             columns["token_type_ids"] = encoded["token_type_ids"]
-        columns["example_index"] = list(range(len(split)))
+        return columns
+
+    def encoding_key(self, split: TextSplit) -> dict[str, Any]:
+        """Everything besides the tokenizer that changes what :meth:`tokenize` makes of
+        ``split``: the ordered texts of each segment (digests), ``max_length``, the truncation
+        rule. Part of the token cache's key (:mod:`tasks.token_cache`)."""
+        return {
+            "segments": [
+                ordered_digest(texts.digest, texts.rows.numpy())
+                for texts in self._indexed_segments(split)
+            ],
+            "max_length": self.max_length,
+            "truncation": "longest_first",
+        }
+
+    def encoded_split(self, split: TextSplit, columns: Columns) -> EncodedSplit:
+        """The dataset of ``split`` from its tokenised ``columns`` (made by :meth:`tokenize` or
+        read from the token cache): here those, each example's position and its label."""
+        fields = {**columns, "example_index": range(len(split))}
         if split.labels is not None:
-            columns["labels"] = list(split.labels)
-        return EncodedSplit(columns)
+            fields["labels"] = list(split.labels)
+        return EncodedSplit(fields)
+
+    def encode(self, split: TextSplit) -> EncodedSplit:
+        """The dataset of ``split``: tokenised once and stored in the token cache, read from it
+        afterwards; tokenised in memory when the cache is off (``cache_dir: false``)."""
+        columns = self._cached_columns(split)
+        return self.encoded_split(split, self.tokenize(split) if columns is None else columns)
 
     # Wiring: what is known only once the model is built.
 
@@ -274,17 +280,22 @@ class MaCSCDataModule(L.LightningDataModule):
     # Lightning hooks.
 
     def prepare_data(self) -> None:
-        """Read the splits the trainer's stage needs and fill the prototype cache for them.
+        """Read the splits the trainer's stage needs and fill the prototype and token caches
+        for them.
 
-        Lightning runs this on global rank 0 only; the other ranks read the cache in ``setup``.
+        Lightning runs this on one process per node; the other ranks read the caches in
+        ``setup``.
         """
         trainer = getattr(self, "trainer", None)
         stage = getattr(getattr(trainer, "state", None), "fn", None)
         for name, needs_labels in self._splits_for(getattr(stage, "value", stage)):
-            self._prototype_tables(name, self._text_split(name, needs_labels))
+            split = self._text_split(name, needs_labels)
+            self._prototype_tables(name, split)
+            self._cached_columns(split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, tokenise and look up the prototypes of the splits ``stage`` needs."""
+        """Read the splits ``stage`` needs, map their tokens from the token cache (tokenising
+        only what it lacks) and look up their prototypes."""
         for name, needs_labels in self._splits_for(stage):
             self._dataset(name, needs_labels)
 
@@ -391,8 +402,7 @@ class MaCSCDataModule(L.LightningDataModule):
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             options["dtype"] = self.prototype_dtype
             cacheable = {m: e for m, e in self.extractors.items() if e.cacheable}
-            # deduplicated once per segment column, whatever the number of extractors
-            segments = [index_texts(texts) for texts in split.segments] if cacheable else []
+            segments = self._indexed_segments(split) if cacheable else []
             self._tables[name] = {
                 modality: [
                     prototype_table(
@@ -412,6 +422,30 @@ class MaCSCDataModule(L.LightningDataModule):
                 if isinstance(source, ImageFeatureSource):
                     self._tables[name][modality] = [source.table(name, task, split.ids)]
         return self._tables[name]
+
+    def _indexed_segments(self, split: TextSplit) -> list[IndexedTexts]:
+        """Each segment column of ``split`` deduplicated and digested once, whatever the number
+        of extractors, for the prototype tables and the token cache's key."""
+        known = self._indexed.get(split.name)
+        if known is None or known[0] is not split:
+            known = (split, [index_texts(texts) for texts in split.segments])
+            self._indexed[split.name] = known
+        return known[1]
+
+    def _cached_columns(self, split: TextSplit) -> Columns | None:
+        """``split``'s tokenised columns from the token cache, built there first if missing;
+        None when the cache is off or the tokenizer cannot be fingerprinted."""
+        folder = resolve_cache_dir(self.cache_dir)
+        fingerprint = None if folder is None else tokenizer_fingerprint(self.tokenizer)
+        if fingerprint is None:
+            return None
+        described = {
+            "data_module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "tokenizer": fingerprint,
+            **self.encoding_key(split),
+        }
+        key = token_cache_key(described)
+        return cached_columns(folder, key, described, lambda: self.tokenize(split))
 
     def _dataset(self, name: str, needs_labels: bool) -> EncodedSplit:
         """Split ``name`` tokenised once, with its prototype tables ready for the collator."""

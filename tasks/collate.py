@@ -1,12 +1,30 @@
-"""Batches: padding the tokens and gathering each example's prototypes from the tables (the
-batch format is described in :mod:`tasks.base`)."""
+"""Batches: padding the tokens and gathering each example's prototypes from the tables.
+
+A batch is a dict, padded to the longest sequence in the batch:
+
+- ``input_ids`` ``(B, l)`` long, ``attention_mask`` ``(B, l)`` long, ``token_type_ids``
+  ``(B, l)`` long when the tokenizer makes them;
+- ``labels`` ``(B,)``, long for classification, float for regression; absent for an unlabelled
+  split;
+- ``example_index`` ``(B,)`` long, the position of each example in its split (after
+  ``data_fraction``), so predictions can be written back in order;
+- ``prototypes``: ``{modality: {"features": (B, n_seg * k, d_m), "mask": (B, n_seg * k)
+  bool}}`` for every cacheable extractor, features in the cache's storage dtype
+  (``prototype_dtype``); the segments' prototypes are concatenated along the token axis in
+  segment order (SPEC 1.7); for an ``image_features`` source, ``(B, n_images, d_m)``: the
+  stored features of each example, looked up by its id (SPEC 14);
+- ``segments``: ``n_seg`` lists of ``B`` raw texts, for extractors that are trained (those have
+  no entry in ``prototypes``; the model extracts from the texts).
+"""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
@@ -17,13 +35,18 @@ from macsc.prototypes import PrototypeTable
 PADDED_FIELDS = ("input_ids", "token_type_ids")
 
 
-def pad(sequences: list[list[int]], value: int) -> Tensor:
-    """Right-pad lists of ints to the longest: ``(B, l)`` long."""
+def pad(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
+    """Right-pad sequences of ints (lists, or arrays mapped from the token cache) to the
+    longest: ``(B, l)`` long."""
     real = real_positions([len(sequence) for sequence in sequences])
     out = torch.full(real.shape, value, dtype=torch.long)
     # one tensor from all the values, placed in row-major order (a loop of one small tensor per
     # row was most of the collator's time)
-    out[real] = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
+    if sequences and isinstance(sequences[0], np.ndarray):
+        values = torch.from_numpy(np.concatenate(sequences).astype(np.int64))
+    else:
+        values = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
+    out[real] = values
     return out
 
 

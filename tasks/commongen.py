@@ -39,6 +39,7 @@ from macsc.errors import ConfigError, DataError
 from macsc.task import TaskSpec
 from tasks.base import EncodedSplit, MaCSCDataModule, TextSplit
 from tasks.collate import Collator, pad
+from tasks.token_cache import Columns, json_digest
 
 SPLITS = ("train", "validation", "test")
 LABEL_PAD = -100  # the index torch's cross-entropy ignores
@@ -190,21 +191,19 @@ class CommonGenDataModule(MaCSCDataModule):
             return training_split(name, source, examples)
         return evaluation_split(name, source, examples)
 
-    def encode(self, split: TextSplit) -> EncodedSplit:
-        """Encoder ids of ``prefix`` + concepts; training, also the target ids; evaluation,
-        keeps the split's concept sets for :meth:`generation_references`."""
+    def tokenize(self, split: TextSplit) -> Columns:
+        """Encoder ids of ``prefix`` + concepts; training, also the target ids (``labels``)."""
         if not isinstance(split, CommonGenSplit):
-            raise TypeError(f"CommonGenDataModule.encode needs a CommonGenSplit, got {type(split)}")
+            raise TypeError(
+                f"CommonGenDataModule.tokenize needs a CommonGenSplit, got {type(split)}"
+            )
         inputs = self.tokenizer(
             [self.prefix + text for text in split.segments[0]],
             truncation=True,
             max_length=self.max_length,
             return_attention_mask=False,
         )
-        columns: dict[str, list] = {
-            "input_ids": inputs["input_ids"],
-            "example_index": list(range(len(split))),
-        }
+        columns: Columns = {"input_ids": inputs["input_ids"]}
         if split.name == "train":
             targets = self.tokenizer(
                 text_target=list(split.labels),
@@ -213,12 +212,31 @@ class CommonGenDataModule(MaCSCDataModule):
                 return_attention_mask=False,
             )
             columns["labels"] = targets["input_ids"]
+        return columns
+
+    def encoding_key(self, split: TextSplit) -> dict[str, Any]:
+        """The base key (the concept strings, ``max_length``) with the prefix; training, also
+        the targets and ``max_target_length``."""
+        key = {**super().encoding_key(split), "prefix": self.prefix}
+        if split.name == "train":
+            key.update(
+                targets=json_digest(list(split.labels)),
+                max_target_length=self.max_target_length,
+            )
+        return key
+
+    def encoded_split(self, split: TextSplit, columns: Columns) -> EncodedSplit:
+        """Training items carry their target ids; evaluation keeps the split's concept sets
+        for :meth:`generation_references`."""
+        fields = {"input_ids": columns["input_ids"], "example_index": range(len(split))}
+        if split.name == "train":
+            fields["labels"] = columns["labels"]
         else:
             references = split.labels or [[] for _ in range(len(split))]
             self._evaluation[split.name] = GenerationEvaluationData(
                 list(split.ids), [list(c) for c in split.concepts], [list(r) for r in references]
             )
-        return EncodedSplit(columns)
+        return EncodedSplit(fields)
 
     def generation_references(
         self, stage: str, split: str | None = None

@@ -1,5 +1,5 @@
 """The examples of one split, as read (:class:`TextSplit`) and as tokenised
-(:class:`EncodedSplit`)."""
+(:class:`EncodedSplit`, what the loaders read)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,48 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import Dataset
+
+from macsc.errors import ConfigError, DataError
+from tasks.token_cache import RaggedColumn
+
+#: the roles a split plays: training, validation, test
+ROLES = ("train", "validation", "test")
+
+
+def check_split_options(data_fraction: float, test_on: str, predict_on: str, **sizes: int) -> None:
+    """A one-line ConfigError for a data option out of range: ``data_fraction`` outside (0, 1],
+    ``test_on``/``predict_on`` not a split role, or one of ``sizes`` below 1."""
+    if not 0.0 < data_fraction <= 1.0:
+        raise ConfigError(
+            f"data option data_fraction={data_fraction} is outside (0, 1]; "
+            "use e.g. 0.05 for the paper's 5% low-resource setting or 1.0 for all data"
+        )
+    for option, value in (("test_on", test_on), ("predict_on", predict_on)):
+        if value not in ROLES[1:]:
+            raise ConfigError(
+                f"data option {option}={value!r} is unknown; choose 'validation' or 'test'"
+            )
+    for option, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"data option {option}={value} must be a positive integer")
+
+
+def missing_split_error(
+    name: str, available: list[str], is_test: bool, stage: str | None, roles: dict[str, str]
+) -> DataError:
+    """The error for split ``name``, missing from ``data_files``; for a test split it names the
+    option (``roles``: ``predict_on``/``test_on`` -> the role it now reads) that would evaluate
+    or predict on the validation split instead, for the running ``stage`` (None: any)."""
+    advice = f"add data_files.{name}=PATH"
+    if is_test:
+        reads = {"predict_on": "predict", "test_on": "test"}
+        options = [
+            f"--data.init_args.{option} validation"
+            for option, role in roles.items()
+            if role == "test" and stage in (reads[option], None)
+        ]
+        advice += f", or use the validation split: {' or '.join(options)}" if options else ""
+    return DataError(f"no {name!r} split: data_files has only {available}; {advice}")
 
 
 @dataclass
@@ -44,10 +86,11 @@ class TextSplit:
 
 
 class EncodedSplit(Dataset):
-    """Tokenised examples of one split: one dict of python values per item, unpadded.
+    """Tokenised examples of one split: one dict of values per item, unpadded.
 
-    columns: field name -> ``N`` values; ``input_ids`` (and ``token_type_ids``) hold lists of
-    ints, every other field one scalar per example (``example_index``, ``labels``, ...).
+    columns: field name -> ``N`` values; ``input_ids`` (and ``token_type_ids``) hold one
+    sequence of ints per item (a list, or an array mapped from the token cache), every other
+    field one scalar per example (``example_index``, ``labels``, ...).
     """
 
     def __init__(self, columns: dict[str, list]) -> None:
@@ -60,4 +103,7 @@ class EncodedSplit(Dataset):
         return {name: values[index] for name, values in self.columns.items()}
 
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.columns["input_ids"]]
+        input_ids = self.columns["input_ids"]
+        if isinstance(input_ids, RaggedColumn):
+            return input_ids.lengths()
+        return [len(ids) for ids in input_ids]

@@ -25,6 +25,7 @@ included), so they stay valid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from macsc.task import TaskSpec
 from tasks.base import EncodedSplit, MaCSCDataModule, TextSplit
 from tasks.collate import Collator
 from tasks.squad_data import HUB_NAMES, load_squad
+from tasks.token_cache import Columns, json_digest
 
 VERSIONS = {"1.1": "squad", "2.0": "squad_v2"}  # version -> its hub dataset
 _SHOWN_IDS = 5
@@ -72,10 +74,42 @@ def squad_split(name: str, source: str, examples: list[dict[str, Any]]) -> Squad
     )
 
 
+#: the per-window scalars of a batch besides ``example_index`` and ``feature_index``
+WINDOW_FIELDS = (
+    "start_positions",
+    "end_positions",
+    "null_index",
+    "context_start",
+    "context_end",
+)
+
+
 def context_bounds(offsets: list[tuple[int, int] | None]) -> tuple[int, int]:
     """``(first, last + 1)`` of the context tokens of one window (they are contiguous)."""
     context = [i for i, offset in enumerate(offsets) if offset is not None]
     return context[0], context[-1] + 1
+
+
+def offset_array(offsets: list[tuple[int, int] | None]) -> np.ndarray:
+    """One window's offsets as ``(L, 2)`` int64, ``(-1, -1)`` for a token that is not context."""
+    rows = [(-1, -1) if offset is None else offset for offset in offsets]
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), 2)
+
+
+class OffsetMapping(Sequence):
+    """Windows' offsets in :func:`macsc.squad.features.prepare_squad_features`' format (per
+    token ``(start, end)`` characters of the context, or None), read from :func:`offset_array`
+    rows (in memory or mapped from the token cache) when a window is post-processed."""
+
+    def __init__(self, rows: Sequence[np.ndarray]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, feature: int) -> list[tuple[int, int] | None]:
+        pairs = np.asarray(self.rows[feature]).tolist()
+        return [None if start < 0 else (start, end) for start, end in pairs]
 
 
 @dataclass
@@ -219,11 +253,12 @@ class SquadDataModule(MaCSCDataModule):
             _check_answerable(examples, source)
         return squad_split(name, source, examples)
 
-    def encode(self, split: TextSplit) -> EncodedSplit:
-        """Windows of every question of ``split`` (one item each); keeps what post-processing
-        needs for the evaluation splits."""
+    def tokenize(self, split: TextSplit) -> Columns:
+        """The windows of every question of ``split``: their tokens, per-token context offsets
+        ``(L, 2)`` (-1 where a token is not context), question, answer and null positions, and
+        context bounds (the token cache stores these)."""
         if not isinstance(split, SquadSplit):
-            raise TypeError(f"SquadDataModule.encode needs a SquadSplit, got {type(split)}")
+            raise TypeError(f"SquadDataModule.tokenize needs a SquadSplit, got {type(split)}")
         features = prepare_squad_features(
             split.examples,
             self.tokenizer,
@@ -234,30 +269,63 @@ class SquadDataModule(MaCSCDataModule):
         index_of = {str(example["id"]): i for i, example in enumerate(split.examples)}
         bounds = [context_bounds(offsets) for offsets in features["offset_mapping"]]
         # numpy rows: a list of Python ints per window costs ~10x the memory on the full train set
-        columns: dict[str, list] = {
+        columns: Columns = {
             name: [np.asarray(row, dtype=np.int32) for row in features[name]]
             for name in ("input_ids", "token_type_ids")
             if name in features
         }
         columns.update(
+            offsets=[offset_array(offsets) for offsets in features["offset_mapping"]],
             example_index=[index_of[qid] for qid in features["example_id"]],
-            feature_index=list(range(len(features["example_id"]))),
             start_positions=features["start_positions"],
             end_positions=features["end_positions"],
             null_index=features["null_index"],
             context_start=[start for start, _ in bounds],
             context_end=[end for _, end in bounds],
         )
+        return columns
+
+    def encoding_key(self, split: TextSplit) -> dict[str, Any]:
+        """The base key (questions, contexts, ``max_length``) with the window options, the
+        version, the rule of the null position, and the examples' ids and answers."""
+        if not isinstance(split, SquadSplit):
+            raise TypeError(f"SquadDataModule.encoding_key needs a SquadSplit, got {type(split)}")
+        return {
+            **super().encoding_key(split),
+            "truncation": "only the context",
+            "doc_stride": self.doc_stride,
+            "max_question_length": self.max_question_length,
+            "version": self.version,
+            "null_index": "the CLS token, else the last real end-of-sequence token",
+            "examples": json_digest([[e["id"], e["answers"]] for e in split.examples]),
+        }
+
+    def encoded_split(self, split: TextSplit, columns: Columns) -> EncodedSplit:
+        """One item per window; keeps what post-processing needs for the evaluation splits."""
+        fields = {
+            name: columns[name] for name in ("input_ids", "token_type_ids") if name in columns
+        }
+        fields.update(
+            example_index=columns["example_index"],
+            feature_index=range(len(columns["example_index"])),
+            **{name: columns[name] for name in WINDOW_FIELDS},
+        )
         if split.name != "train":
+            ids = [str(example["id"]) for example in split.examples]
+            features = {
+                "example_id": [ids[i] for i in columns["example_index"]],
+                "offset_mapping": OffsetMapping(columns["offsets"]),
+                "null_index": columns["null_index"],
+            }
             self._evaluation[split.name] = SpanEvaluationData(
                 split.examples,
-                {key: features[key] for key in ("example_id", "offset_mapping", "null_index")},
+                features,
                 self.version_2,
                 self.n_best,
                 self.max_answer_length,
                 self.null_threshold,
             )
-        return EncodedSplit(columns)
+        return EncodedSplit(fields)
 
     def span_evaluation(self, stage: str, split: str) -> SpanEvaluationData:
         """Examples and features of the split evaluated as ``split`` (a ``task_spec.val_names``

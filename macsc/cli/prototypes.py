@@ -1,4 +1,5 @@
-"""``macsc prototypes``: fill the prototype cache ahead of training, or check its files."""
+"""``macsc prototypes``: fill the prototype cache ahead of training (the data module's
+``prepare_data``, which stores the tokenised splits too), or check its files."""
 
 from __future__ import annotations
 

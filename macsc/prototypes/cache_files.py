@@ -26,6 +26,10 @@ sample is checked in full. What the sampled check cannot catch: damage confined 
 the sampled blocks (a flipped bit, a bad sector) of a large file -- one damaged byte of a 3 GB
 file is caught with a probability of ~1 MiB / 3 GB. ``macsc prototypes --verify`` reads every
 byte against the full checksum and reports such a file as damaged.
+
+The header size, the checksums (:func:`checksum`, :func:`sample_block_ranges`), the lock and the
+clean-up of dead builds' temporaries are shared with the token cache (:mod:`tasks.token_cache`),
+whose files live in the same folder.
 """
 
 from __future__ import annotations
@@ -62,13 +66,13 @@ SAMPLE_BLOCK_BYTES = 1 << 14
 _MAGIC = b"MACSC-PROTOTYPES\n"
 
 
-_HEADER_BYTES = 4096
+HEADER_BYTES = 4096
 
 
 _CHUNK = 1 << 24
 
 
-def _checksum(path: Path, ranges: list[tuple[int, int]]) -> str:
+def checksum(path: Path, ranges: list[tuple[int, int]]) -> str:
     """BLAKE2b of the bytes of ``ranges`` (``(offset, length)``) of ``path``, in order."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as handle:
@@ -85,14 +89,14 @@ def _checksum(path: Path, ranges: list[tuple[int, int]]) -> str:
 
 
 def _data_range(header: dict[str, Any]) -> list[tuple[int, int]]:
-    return [(_HEADER_BYTES, header["size"] - _HEADER_BYTES)]
+    return [(HEADER_BYTES, header["size"] - HEADER_BYTES)]
 
 
-def _sample_ranges(size: int, seed: int) -> list[tuple[int, int]]:
+def sample_block_ranges(size: int, seed: int) -> list[tuple[int, int]]:
     """``(offset, length)`` of the sampled blocks of a file of ``size`` bytes: every block of
     the data when it has at most :data:`SAMPLE_BLOCKS`, else the first, the last and a seeded
     random choice of the others, in file order."""
-    count = -(-(size - _HEADER_BYTES) // SAMPLE_BLOCK_BYTES)
+    count = -(-(size - HEADER_BYTES) // SAMPLE_BLOCK_BYTES)
     if count <= SAMPLE_BLOCKS:
         chosen = range(count)
     else:
@@ -100,7 +104,7 @@ def _sample_ranges(size: int, seed: int) -> list[tuple[int, int]]:
         chosen = sorted([0, *middle, count - 1])
     ranges = []
     for block in chosen:
-        offset = _HEADER_BYTES + block * SAMPLE_BLOCK_BYTES
+        offset = HEADER_BYTES + block * SAMPLE_BLOCK_BYTES
         ranges.append((offset, min(SAMPLE_BLOCK_BYTES, size - offset)))
     return ranges
 
@@ -108,9 +112,9 @@ def _sample_ranges(size: int, seed: int) -> list[tuple[int, int]]:
 def _layout(count: int, k: int, dim: int, dtype: str) -> dict[str, Any]:
     feature_bytes = count * k * dim * STORAGE_DTYPES[dtype].itemsize
     return {
-        "features": {"dtype": dtype, "shape": [count, k, dim], "offset": _HEADER_BYTES},
-        "mask": {"dtype": "uint8", "shape": [count, k], "offset": _HEADER_BYTES + feature_bytes},
-        "size": _HEADER_BYTES + feature_bytes + count * k,
+        "features": {"dtype": dtype, "shape": [count, k, dim], "offset": HEADER_BYTES},
+        "mask": {"dtype": "uint8", "shape": [count, k], "offset": HEADER_BYTES + feature_bytes},
+        "size": HEADER_BYTES + feature_bytes + count * k,
     }
 
 
@@ -120,9 +124,7 @@ def _mapped(path: Path, layout: dict[str, Any], mode: str) -> tuple[Tensor, Tens
     write to a tensor stays private instead of reaching the file)."""
     shape = layout["features"]["shape"]
     dtype = STORAGE_DTYPES[layout["features"]["dtype"]]
-    raw = np.memmap(
-        path, np.uint8, mode, _HEADER_BYTES, (layout["mask"]["offset"] - _HEADER_BYTES,)
-    )
+    raw = np.memmap(path, np.uint8, mode, HEADER_BYTES, (layout["mask"]["offset"] - HEADER_BYTES,))
     features = torch.from_numpy(raw).view(dtype).view(shape)
     mask = np.memmap(path, np.uint8, mode, layout["mask"]["offset"], tuple(shape[:2]))
     return features, torch.from_numpy(mask).view(torch.bool)
@@ -154,20 +156,20 @@ def write_entry(
             "identity": identity,
             "texts": shape[0],
             **layout,
-            "checksum": _checksum(temporary, _data_range(layout)),
+            "checksum": checksum(temporary, _data_range(layout)),
             "sample": {
                 "seed": seed,
                 "blocks": SAMPLE_BLOCKS,
                 "block_bytes": SAMPLE_BLOCK_BYTES,
-                "checksum": _checksum(temporary, _sample_ranges(layout["size"], seed)),
+                "checksum": checksum(temporary, sample_block_ranges(layout["size"], seed)),
             },
         }
         encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
-        if len(encoded) > _HEADER_BYTES:  # the identity is there for people only; the key decides
+        if len(encoded) > HEADER_BYTES:  # the identity is there for people only; the key decides
             header["identity"] = "(too long to store)"
             encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
         with open(temporary, "r+b") as handle:
-            handle.write(encoded.ljust(_HEADER_BYTES, b" "))
+            handle.write(encoded.ljust(HEADER_BYTES, b" "))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -177,7 +179,7 @@ def write_entry(
 
 def _read_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
-        raw = handle.read(_HEADER_BYTES)
+        raw = handle.read(HEADER_BYTES)
     if not raw.startswith(_MAGIC):
         raise ValueError("it does not start with the prototype-cache magic line")
     try:
@@ -210,7 +212,7 @@ def sampled_ranges(path: str | os.PathLike) -> list[tuple[int, int]]:
     verifies (module docstring); read from the file's header."""
     path = Path(path)
     header = _read_header(path)
-    return _sample_ranges(header["size"], header["sample"]["seed"])
+    return sample_block_ranges(header["size"], header["sample"]["seed"])
 
 
 def open_entry(
@@ -239,8 +241,8 @@ def open_entry(
     sample = header.get("sample")
     if not isinstance(sample, dict) or not isinstance(sample.get("seed"), int):
         return "its header has no valid sample description"
-    ranges = _sample_ranges(expected["size"], sample["seed"])
-    if _checksum(path, ranges) != sample.get("checksum"):
+    ranges = sample_block_ranges(expected["size"], sample["seed"])
+    if checksum(path, ranges) != sample.get("checksum"):
         return "its data does not match the checksum of its sampled blocks (corrupt)"
     return _mapped(path, expected, "c")
 
@@ -277,7 +279,7 @@ def verify_cache_file(path: str | os.PathLike) -> CacheFileCheck:
         )
         return CacheFileCheck(path, "stale", reason, texts, size)
     problem = _layout_problem(path, header)
-    if problem is None and _checksum(path, _data_range(header)) != header.get("checksum"):
+    if problem is None and checksum(path, _data_range(header)) != header.get("checksum"):
         problem = "its data does not match the checksum in its header (corrupt)"
     if problem is not None:
         return CacheFileCheck(path, "damaged", problem, texts, size)

@@ -284,8 +284,10 @@ def test_prototypes_command_fills_the_cache_ahead_of_training(tiny_backbone, tmp
     captured = capsys.readouterr()
     assert "args parameter is intended" not in captured.err
     # one entry per (modality, split, segment): 3 modalities x (train, validation) x 1 segment
-    entries = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    entries = sorted(cache.glob("*.protos"))
     assert len(entries) == 6, sorted(p.name for p in entries)
+    # and the tokenised splits (train, validation), which prepare_data stores too
+    assert len(list(cache.glob("*.tokens"))) == 2
     written = sum(p.stat().st_size for p in entries) / 2**20
     assert f"prototype cache {cache}: {written:.1f} MiB written" in captured.out
     assert "  image: 0 read from the cache, 2 extracted" in captured.out
