@@ -209,12 +209,22 @@ class MaCSC(CheckpointedModule):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: dict) -> ModelOutput:
+        return self.branches(self.network.encode(batch), batch)
+
+    def branches(self, text: Tensor, batch: dict) -> ModelOutput:
+        """What runs after the backbone: the enhancers and the heads, from ``H^t`` ``(B, l, d)``."""
         # a head that reads one row of each Ĥ^t_m: the enhancers then compute only that row
         rows = (
             None if self.head.needs_tokens else self.network.sentence_rows(batch["attention_mask"])
         )
-        representations = self.network(batch, rows)
+        representations = self.network.enhance(text, batch, rows)
         return ModelOutput(representations, self.head(representations, batch))
+
+    def after_backbone(self, text: Tensor, batch: dict) -> dict[str, Any]:
+        """Every loss term of the batch from the backbone's output ``H^t`` ``(B, l, d)``: the
+        part of a training step whose shapes are fixed once the text length is (what
+        ``benchmarks/gpu_step.py`` captures in a CUDA graph)."""
+        return self.compute_losses(batch, self.branches(text, batch))
 
     def compute_losses(self, batch: dict, forward: ModelOutput) -> dict[str, Any]:
         """Every loss term of the batch (:meth:`macsc.method.objective.MaCSCObjective.forward`)."""

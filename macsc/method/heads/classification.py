@@ -11,7 +11,6 @@ from macsc.method.heads.base import (
     EvaluationContext,
     EvaluationResult,
     HeadOutput,
-    StackedLinear,
     TaskHead,
     register_head,
 )
@@ -23,6 +22,7 @@ from macsc.method.losses import (
     weighted_regression_loss,
 )
 from macsc.method.network import BranchRepresentations
+from macsc.method.stacked import StackedLinear
 from macsc.task import TaskSpec
 
 
@@ -38,8 +38,7 @@ class PooledHead(TaskHead):
         self.linear = StackedLinear(num_branches, hidden_size, self.out_features)
 
     def forward(self, representations: BranchRepresentations, batch: dict) -> HeadOutput:
-        text = representations.sentence(representations.text_branch)
-        pooled = torch.stack([text, *representations.pooled_prototypes()])  # (M, B, d)
+        pooled = representations.pooled()  # (M, B, d)
         return HeadOutput(self.linear(self.dropout(pooled)), pooled)
 
     def make_metrics(self, branches: list[str]) -> nn.Module:
