@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from macsc.method.stacked import as_dtype
+
 _EPS = 1e-12
 
 
@@ -36,7 +38,7 @@ def debiased_distribution(logits: Tensor, prior: Tensor, alpha: float = 1.0) -> 
     logits: ``(..., C)``; prior: ``(C,)`` positive. Returns ``(..., C)``. Differentiable; the
     model detaches the result because these distributions are targets (Theorem 1's proof).
     """
-    log_prior = prior.to(logits.dtype).clamp_min(_EPS).log()
+    log_prior = as_dtype(prior, logits.dtype).clamp_min(_EPS).log()
     return torch.softmax(logits - alpha * log_prior, dim=-1)
 
 

@@ -22,7 +22,7 @@ from macsc.method.losses import (
     weighted_regression_loss,
 )
 from macsc.method.network import BranchRepresentations
-from macsc.method.stacked import StackedLinear
+from macsc.method.stacked import StackedLinear, as_dtype
 from macsc.task import TaskSpec
 
 
@@ -126,10 +126,10 @@ class ClassificationHead(PooledHead):
         return weighted_aggregation_loss(outputs.float(), rho_logits, batch["labels"])
 
     def allocation_distributions(self, outputs, prior, alpha, batch):
-        return debiased_distribution(outputs.detach().float(), prior, alpha)
+        return debiased_distribution(as_dtype(outputs.detach(), torch.float32), prior, alpha)
 
     def positive_keys(self, batch):
-        return batch["labels"].long()
+        return as_dtype(batch["labels"], torch.long)
 
     def has_targets(self, batch):
         # GLUE test splits carry -1 for "no label"; one host sync per evaluation batch
