@@ -21,7 +21,14 @@ from macsc.analysis.runs import is_run_folder, load_run, read_config
 from macsc.analysis.weights import read_weights as read_modality_weights
 from macsc.errors import CheckpointError, ConfigError, DataError
 from macsc.inference.card import model_card
-from macsc.inference.folder import FORMAT, FORMAT_VERSION, WEIGHTS, write_manifest, write_weights
+from macsc.inference.folder import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    write_manifest,
+    write_weights,
+)
 from macsc.method.network import DEFAULT_PROTOTYPES, effective_source
 from macsc.paths import load_tokenizer
 
@@ -114,10 +121,16 @@ def export_checkpoint(
     from macsc.inference.predict import build_data_module
 
     out = Path(out).expanduser()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            f"{str(out)!r} exists and is not empty; choose another folder or pass --overwrite"
-        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(
+                f"{str(out)!r} exists and is not empty; choose another folder or pass --overwrite"
+            )
+        if not (out / MANIFEST).is_file():
+            raise ConfigError(
+                f"{str(out)!r} is not a folder macsc export wrote (it has no {MANIFEST}), so "
+                "--overwrite leaves it alone; choose another folder"
+            )
     checkpoint, how, run = resolve_checkpoint(target)
     data = data_options(run, config, checkpoint)
     model = MaCSC.load_from_checkpoint(

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from macsc.cli import main
 from macsc.errors import CheckpointError, ConfigError
@@ -170,7 +171,7 @@ def test_infer_prints_one_json_line_per_input(demo, tmp_path, capsys):
 
 
 def damaged_copy(folder: Path, to: Path, change) -> Path:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     shutil.copytree(folder, to)
     state = load_file(str(to / "macsc.safetensors"))
@@ -236,6 +237,14 @@ def test_export_refuses_a_full_folder_and_a_checkpoint_without_its_config(demo, 
     assert "pass --config with the config it was trained with" in capsys.readouterr().err
     assert main(["export", str(run), str(folder)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["export", str(run), str(run), "--overwrite"]) == 2  # not an export: kept
+    assert "is not a folder macsc export wrote" in capsys.readouterr().err
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    before = load_file(str(folder / "macsc.safetensors"))
+    assert main(["export", str(run), str(folder), "--overwrite"]) == 0  # an export: replaced
+    after = load_file(str(folder / "macsc.safetensors"))
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)
     config = run / "config.yaml"
     assert main(["export", str(lone), str(tmp_path / "out"), "--config", str(config)]) == 0
     manifest = json.loads((tmp_path / "out" / "macsc.json").read_text())
