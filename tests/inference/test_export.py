@@ -22,6 +22,8 @@ from macsc.cli import main
 from macsc.errors import CheckpointError, ConfigError
 from tests.cli.test_cli import demo_args
 from tests.cli.test_squad_cli import QAS, squad_args, squad_json
+from tests.method.test_text_tower import demo_args as tower_args
+from tests.method.test_text_tower import tiny_clip  # noqa: F401  (the fixture, shared)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -344,3 +346,74 @@ def test_commongen_generates_from_concept_sets_as_its_checkpoint_did(tiny_t5, tm
     records = model.predict([sets[0], " ".join(sets[1]), {"concepts": sets[2], "id": "kid"}])
     assert [r["prediction"] for r in records] == expected
     assert [r["id"] for r in records] == ["0", "1", "kid"]
+
+
+def test_a_text_tower_model_exports_without_a_backbone_config(tiny_clip, tmp_path):  # noqa: F811
+    """The MC-PTM baselines (SPEC 13): the tower is the encoder, rebuilt from its options (its
+    published file must be at hand) with every weight, the fine-tuned tower's too, from
+    macsc.safetensors; the data is tokenised by the tower's own BPE."""
+    from macsc import MaCSC
+
+    _, path = tiny_clip
+    assert main(["fit", *tower_args(path, tmp_path)]) == 0
+    (checkpoint,) = tmp_path.rglob("last.ckpt")  # step 3, which the fit's validation scored
+    expected = validated_records(checkpoint.parent.parent)
+    assert main(["export", str(checkpoint), str(tmp_path / "tower")]) == 0
+    assert not (tmp_path / "tower" / "config.json").exists()
+    model = MaCSC.from_pretrained(tmp_path / "tower")
+    records = model.predict([record["text"] for record in expected])
+    assert [r["prediction"] for r in records] == [r["prediction"] for r in expected]
+    for got, want in zip(records, expected, strict=True):
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+
+
+def test_a_regression_table_of_sentence_pairs_scores_pairs(tiny_backbone, tmp_path, capsys):
+    """Your own table (README "Your own data"): two text segments and a score; the exported
+    format reads `--pair FIRST SECOND` and gives the score `macsc validate` gave."""
+    rows = [(f"a cat number {i}", f"a {'cat' if i % 2 else 'dog'} here", i % 6) for i in range(24)]
+    table = tmp_path / "pairs.csv"
+    table.write_text("left,right,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows))
+    own = tmp_path / "own.yaml"
+    own.write_text(
+        "data:\n  class_path: tasks.glue.TableDataModule\n  init_args:\n"
+        "    table_format:\n      name: pairs\n      segments: [[left], [right]]\n"
+        "      label_columns: [score]\n      label_bins: [0, 1, 2, 3, 4, 5]\n"
+        "      metrics: [spearman, pearson]\n"
+        f"    data_files: {{train: {table}, validation: {table}}}\n"
+    )
+    args = [
+        "--config",
+        str(ROOT / "lightning_configs" / "glue_sst2.yaml"),
+        "--config",
+        str(ROOT / "lightning_configs" / "cpu.yaml"),
+        "--config",
+        str(own),
+        "--model.backbone",
+        tiny_backbone,
+        "--model.modalities=[text, image]",
+        '--model.prototypes={"image": {"kind": "gaussian", "dim": 16, "k": 4}}',
+        "--model.enhancer.heads=4",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert main(["fit", *args]) == 0
+    (checkpoint,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert (
+        main(["validate", *args, "--trainer.limit_val_batches=1", f"--ckpt_path={checkpoint}"]) == 0
+    )
+    expected = validated_records(checkpoint.parent.parent)[:3]
+    assert main(["export", str(checkpoint), str(tmp_path / "pairs")]) == 0
+    manifest = json.loads((tmp_path / "pairs" / "macsc.json").read_text())
+    assert manifest["inputs"]["fields"] == ["left", "right"]
+    assert manifest["data"]["init_args"]["data_files"] == {}  # the exporter's files stay home
+    capsys.readouterr()
+    pairs = [arg for record in expected for arg in ("--pair", *record["text"])]
+    assert main(["infer", str(tmp_path / "pairs"), *pairs, "--branches"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == [record["text"] for record in expected]
+    for line, record in zip(lines, expected, strict=True):
+        assert line["prediction"] == pytest.approx(record["prediction"], abs=1e-5)
+        assert line["branches"] == pytest.approx(record["branches"], abs=1e-5)
+        assert "probabilities" not in line
