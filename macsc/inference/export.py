@@ -29,6 +29,8 @@ from macsc.inference.folder import (
     write_manifest,
     write_weights,
 )
+from macsc.inference.model import MaCSC
+from macsc.inference.predict import build_data_module
 from macsc.method.network import DEFAULT_PROTOTYPES, effective_source
 from macsc.paths import load_tokenizer
 
@@ -117,9 +119,6 @@ def export_checkpoint(
     trust_checkpoint: bool = False,
 ) -> Export:
     """Export the checkpoint ``target`` (a run folder or a ``.ckpt``) to the folder ``out``."""
-    from macsc.inference.model import MaCSC
-    from macsc.inference.predict import build_data_module
-
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -162,7 +161,7 @@ def export_checkpoint(
         )
         _shareable(staging)
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)  # an earlier export, or an empty folder
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
