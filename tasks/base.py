@@ -38,6 +38,7 @@ from macsc.prototypes import (
 )
 from macsc.task import TaskSpec
 from tasks.collate import Collator
+from tasks.inputs import RawInputs
 from tasks.labels import has_classes, label_classes
 from tasks.sampling import (
     LengthGroupedSampler,
@@ -59,8 +60,9 @@ from tasks.token_cache import (
 __all__ = ["EncodedSplit", "MaCSCDataModule", "TextSplit", "fraction_indices"]
 
 
-class MaCSCDataModule(L.LightningDataModule):
-    """Base data module: a task subclass provides ``task_spec``, ``split_names``, ``load_split``.
+class MaCSCDataModule(RawInputs, L.LightningDataModule):
+    """Base data module: a task subclass provides ``task_spec``, ``split_names``, ``load_split``
+    (and ``input_fields`` for a trained model to read raw inputs: :class:`tasks.inputs.RawInputs`).
 
     Args:
         batch_size: training batch size.

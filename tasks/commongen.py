@@ -21,6 +21,7 @@ An evaluation batch has no ``labels``; its ``example_index`` is the concept set'
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,30 @@ class CommonGenDataModule(MaCSCDataModule):
         if name == "train":
             return training_split(name, source, examples)
         return evaluation_split(name, source, examples)
+
+    def input_fields(self) -> list[str]:
+        return ["concepts"]
+
+    def inputs_split(self, name: str, inputs: Sequence[Any]) -> CommonGenSplit:
+        """Concept sets, each a list of concepts, a string of them separated by spaces, or a
+        mapping with ``concepts`` (and an ``id``, else the position is the id)."""
+        if isinstance(inputs, str | Mapping):
+            inputs = [inputs]
+        examples = []
+        for position, given in enumerate(inputs):
+            record = dict(given) if isinstance(given, Mapping) else {"concepts": given}
+            concepts = record.get("concepts")
+            if isinstance(concepts, str):
+                concepts = concepts.split()
+            if not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
+                raise DataError(
+                    f"input {position} ({given!r:.80}) is not a concept set: give a list of "
+                    'concepts, a string of them, or {"concepts": [...]}'
+                )
+            where = f"input {position}"
+            identity = str(record.get("id", position))
+            examples.append(ConceptExample(tuple(concepts), (), identity, where))
+        return evaluation_split(name, "the inputs given", examples)
 
     def tokenize(self, split: TextSplit) -> Columns:
         """Encoder ids of ``prefix`` + concepts; training, also the target ids (``labels``)."""

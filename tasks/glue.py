@@ -379,6 +379,10 @@ class TableDataModule(MaCSCDataModule):
     def split_names(self, role: str) -> list[str]:
         return self.table_format.split_names[role]
 
+    def input_fields(self) -> list[str]:
+        """One field per segment, named by its first column name (``["premise", "hypothesis"]``)."""
+        return [names[0] for names in self.table_format.segments]
+
     def load_split(self, name: str) -> TextSplit:
         if self.data_files is None:
             return self._hub_split(name)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,37 @@ def missing_split_error(
         ]
         advice += f", or use the validation split: {' or '.join(options)}" if options else ""
     return DataError(f"no {name!r} split: data_files has only {available}; {advice}")
+
+
+def input_records(inputs: Sequence[Any], fields: list[str]) -> list[dict[str, Any]]:
+    """Raw inputs of a trained model as one dict per input, keyed by ``fields`` (the text
+    segments, e.g. ``["question", "sentence"]``): each input is a string (a one-field task), a
+    list or tuple of one string per field, or a mapping with the fields (and optionally an
+    ``id``, kept); a DataError names the first input that is none of these."""
+    if isinstance(inputs, str | Mapping):
+        inputs = [inputs]
+    shape = " or ".join(
+        (["a string"] if len(fields) == 1 else [])
+        + [f"[{', '.join(fields)}]", "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"]
+    )
+    records = []
+    for position, given in enumerate(inputs):
+        if isinstance(given, str) and len(fields) == 1:
+            record: dict[str, Any] = {fields[0]: given}
+        elif isinstance(given, Sequence) and not isinstance(given, str):
+            record = dict(zip(fields, given, strict=False)) if len(given) == len(fields) else {}
+        elif isinstance(given, Mapping):
+            record = {key: given[key] for key in (*fields, "id") if key in given}
+        else:
+            record = {}
+        if not all(isinstance(record.get(field), str) for field in fields):
+            raise DataError(
+                f"input {position} ({given!r:.80}) is not an input of this model: give {shape}"
+            )
+        records.append(record)
+    if not records:
+        raise DataError("no inputs given: give at least one")
+    return records
 
 
 @dataclass

@@ -39,6 +39,7 @@ from macsc.squad.features import prepare_squad_features
 from macsc.task import TaskSpec
 from tasks.base import EncodedSplit, MaCSCDataModule, TextSplit
 from tasks.collate import Collator
+from tasks.splits import input_records
 from tasks.squad_data import HUB_NAMES, load_squad
 from tasks.token_cache import Columns, json_digest
 
@@ -252,6 +253,24 @@ class SquadDataModule(MaCSCDataModule):
         if not self.version_2:
             _check_answerable(examples, source)
         return squad_split(name, source, examples)
+
+    def input_fields(self) -> list[str]:
+        return ["question", "context"]
+
+    def inputs_split(self, name: str, inputs: Sequence[Any]) -> SquadSplit:
+        """Questions with their contexts, ``(question, context)`` pairs or mappings (with an
+        ``id``, else the position is the id), as an unlabelled split of flat examples."""
+        examples = [
+            {
+                "id": str(record.get("id", position)),
+                "title": "",
+                "context": record["context"],
+                "question": record["question"],
+                "answers": {"text": [], "answer_start": []},
+            }
+            for position, record in enumerate(input_records(inputs, self.input_fields()))
+        ]
+        return squad_split(name, "the inputs given", examples)
 
     def tokenize(self, split: TextSplit) -> Columns:
         """The windows of every question of ``split``: their tokens, per-token context offsets

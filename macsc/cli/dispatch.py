@@ -8,7 +8,9 @@ the official-style SQuAD evaluation;
 ``macsc report|overlap|weights ...`` read finished runs (:mod:`macsc.analysis.report`,
 :mod:`macsc.analysis.overlap`, :mod:`macsc.analysis.weights`);
 ``macsc probe ...`` runs the zero-shot visual-reasoning probes of paper Table 7;
-``macsc tiny-model ...`` writes a small random model offline (CommonGen's T5, a masked LM).
+``macsc tiny-model ...`` writes a small random model offline (CommonGen's T5, a masked LM);
+``macsc export RUN_OR_CKPT DIR`` writes a trained model to a folder with no pickle in it, and
+``macsc infer DIR ...`` runs one on raw inputs (:mod:`macsc.inference`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ USAGE = """usage: macsc {fit,validate,test,predict} --config FILE [options]
                    [--memory-color F] [--color-terms F] [--object-shape F|DIR] [--json OUT]
        macsc tiny-model t5|bert-mlm|bert DIR [--hidden-size N]   a small random model, offline
                                           (CommonGen's T5, the probes' masked LM)
+       macsc export RUN_OR_CKPT DIR [--config FILE] [--overwrite]
+                                          a trained model as a folder to share: safetensors,
+                                          config, tokenizer, macsc.json, model card
+       macsc infer DIR (--text TEXT | --pair FIRST SECOND | --input FILE.jsonl) ... [--branches]
+                                          an exported model on raw inputs, one JSON line each
 
 Run `macsc fit --help` for every option, `macsc fit --config FILE --print_config` to see a
 config resolved, `macsc probe --help` for the probes' options."""
@@ -48,6 +55,8 @@ COMMANDS = {
     "overlap": "macsc.cli.overlap",
     "weights": "macsc.cli.weights",
     "tiny-model": "macsc.cli.tiny_model",
+    "export": "macsc.cli.export",
+    "infer": "macsc.cli.infer",
 }
 
 

@@ -6,8 +6,12 @@ A plain ``nn.Module`` with no Lightning in it: it turns a batch into the branch 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,6 +347,25 @@ def load_encoder(
     return build_text_tower(text_tower)
 
 
+#: set inside :func:`backbone_architecture_only`
+_ARCHITECTURE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "macsc_backbone_architecture_only", default=False
+)
+
+
+@contextlib.contextmanager
+def backbone_architecture_only() -> Iterator[None]:
+    """Within this block, a Hugging Face backbone is built from its folder's ``config.json``
+    alone, with freshly initialised weights, for a state dict holding every weight to be loaded
+    into it afterwards (an exported model, :mod:`macsc.inference`): the folder needs no weights
+    file, and none is read twice. Prototype sources and text towers load as usual."""
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
+
 def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Module:
     import transformers
 
@@ -351,6 +374,12 @@ def load_backbone(name: str, auto_class: str, kwargs: dict[str, Any]) -> nn.Modu
     except ConfigError as error:
         raise ConfigError(f"model.backbone: {error}") from error
     try:
+        if _ARCHITECTURE_ONLY.get():
+            config = transformers.AutoConfig.from_pretrained(path)
+            model = getattr(transformers, auto_class).from_config(config, **kwargs)
+            if os.path.isfile(os.path.join(path, "generation_config.json")):
+                model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+            return model
         return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
     except OSError as error:
         raise ConfigError(

@@ -362,3 +362,26 @@ def test_evaluation_loss_is_the_aggregation_loss_and_span_targets_need_both_ends
     assert not span.has_targets({"start_positions": torch.zeros(1)})
     assert not span.has_targets({"end_positions": torch.zeros(1)})
     assert not span.has_targets({})
+
+
+def test_a_split_of_one_example_gets_its_record():
+    """One input given to a trained model (`macsc infer DIR --text ...`) is a split of one
+    example: torchmetrics squeezes one-element results to scalars, which lost the batch dim."""
+    context = EvaluationContext("predict", "validation")
+    head = classification_head()
+    metrics = head.make_metrics(BRANCHES)
+    batch = {"example_index": torch.tensor([0])}
+    head.update_metrics(metrics, HeadOutput(LOGITS[:, 1:2]), None, RHO, batch)
+    (record,) = head.compute_metrics(metrics, context).records
+    fused = mixture(LOGITS[:, 1:2])[0]
+    assert record["prediction"] == NAMES[max(range(3), key=fused.__getitem__)]
+    assert record["probability"] == pytest.approx(max(fused), abs=1e-6)
+    assert record["branches"] == {"text": NAMES[1], "image": NAMES[2]}
+
+    head = regression_head()
+    metrics = head.make_metrics(BRANCHES)
+    head.update_metrics(metrics, HeadOutput(torch.tensor([[2.0], [4.0]])), None, RHO, batch)
+    (record,) = head.compute_metrics(metrics, context).records
+    rho = torch.softmax(RHO, 0).tolist()
+    assert record["prediction"] == pytest.approx(2.0 * rho[0] + 4.0 * rho[1], abs=1e-6)
+    assert record["branches"] == {"text": 2.0, "image": 4.0} and record["gold"] is None

@@ -139,6 +139,13 @@ class TaskHead(nn.Module):
         with zeros, when batches are gathered across devices)."""
         raise NotImplementedError
 
+    def class_probabilities(
+        self, outputs: Tensor, rho_logits: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """For a head that predicts classes: ``(B, C)`` the fused probabilities (Eq. 11) and
+        ``(M, B, C)`` each branch's alone; None for the other kinds."""
+        return None
+
     def positive_keys(self, batch: dict) -> Tensor:
         """``(B,)`` keys; samples ``i, j`` are positives when their keys are equal."""
         raise NotImplementedError

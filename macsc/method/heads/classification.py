@@ -143,6 +143,9 @@ class ClassificationHead(PooledHead):
     def branch_predictions(self, outputs):
         return outputs.argmax(-1)
 
+    def class_probabilities(self, outputs, rho_logits):
+        return self.fused_prediction(outputs, rho_logits), torch.softmax(outputs.float(), dim=-1)
+
     def decision(self, fused):
         return fused.argmax(-1)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +29,19 @@ class ExampleOutputs(Metric):
         for name in ("index", *names):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        """torchmetrics' wrapper squeezes every one-element result to a scalar, so a split of
+        one example (one input given to a trained model) lost its batch dimension: the
+        results get back the shapes :meth:`compute` gave them."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def unsqueezed(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            values = wrapped(*args, **kwargs)
+            return {name: value.reshape(self._shapes[name]) for name, value in values.items()}
+
+        return unsqueezed
+
     def update(self, index: Tensor, **values: Tensor) -> None:
         self.index.append(index.detach().long())
         for name in self.names:
@@ -35,6 +50,7 @@ class ExampleOutputs(Metric):
     def compute(self) -> dict[str, Tensor]:
         index = self.index
         if isinstance(index, list) and not index:  # a list before any update, a tensor after sync
+            self._shapes = {"index": (0,)}
             return {"index": torch.empty(0, dtype=torch.long)}
         index = dim_zero_cat(index).cpu()
         values = {name: dim_zero_cat(getattr(self, name)).cpu() for name in self.names}
@@ -43,7 +59,9 @@ class ExampleOutputs(Metric):
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
         keep = order[first]
-        return {"index": index[first], **{name: value[keep] for name, value in values.items()}}
+        result = {"index": index[first], **{name: value[keep] for name, value in values.items()}}
+        self._shapes = {name: value.shape for name, value in result.items()}
+        return result
 
 
 def example_identity(examples: Any, position: int) -> dict[str, Any]:
