@@ -1,6 +1,9 @@
-"""MaCSC T+I+A+V against the text-only baseline on a GPU (issue 6): training samples per second,
-their ratio, and peak memory, for a RoBERTa-base-sized backbone (or BERT-base with ``--bert``;
-random weights, no download) under bf16 autocast, eager and with ``torch.compile``. ``benchmarks/gpu.sh`` runs it.
+"""MaCSC T+I+A+V against the text-only baseline on a GPU (issues 6, 20): training samples per
+second, their ratio, and peak memory, for a RoBERTa-base-sized backbone (or BERT-base with
+``--bert``; random weights, no download) under bf16 autocast, in three modes: ``eager``;
+``compiled``, the forward and losses under ``torch.compile``; ``graphed``, the backbone eager and
+what runs after it compiled with ``mode="reduce-overhead"`` (CUDA graphs), as
+``model.compile_after_backbone`` does it in training. ``benchmarks/gpu.sh`` runs it.
 
 A step is what ``training_step`` computes plus the optimizer: forward, losses, backward, AdamW
 (fused, as ``configure_optimizers`` makes it) -- without Lightning's per-step bookkeeping, which
@@ -8,12 +11,14 @@ adds the same small host cost to both models. Batches: 32 examples padded to 128
 ``max_length``) with real lengths drawn from 20-128, prototypes of the paper's shapes (``k = 8``;
 widths 512, 1024, 512) in float16 as the cache stores them, all on the device beforehand. Timing: CUDA events around rounds of
 ``--steps`` steps; the two models alternate (A B A B ...) after warm-up, and the median of the
-per-round ratios is reported. Memory: each model's peak allocated bytes during its warm-up steps
-over what was allocated before it was built (its parameters, gradients, AdamW state and the
-step's activations).
+per-round ratios is reported. Memory: each model's parameters and AdamW state, plus the peak
+allocated during the warm-up steps of a mode over what was allocated when they began (gradients,
+the step's activations, and in ``graphed`` the graphs' memory pool). After a compiled mode,
+torch's counts of graph breaks and graphs.
 
-    python benchmarks/gpu_step.py [--bert] [--rounds 5] [--steps 20] [--no-compile]
-    python benchmarks/gpu_step.py --device cpu --tiny --rounds 1 --steps 2   (a smoke test)
+    python benchmarks/gpu_step.py [--bert] [--rounds 5] [--steps 20] [--modes eager,compiled,graphed]
+    python benchmarks/gpu_step.py --device cpu --tiny --rounds 1 --steps 2   (a smoke test; on the
+        CPU ``graphed`` compiles without CUDA graphs)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ PROTOTYPES = {
     "video": {"kind": "gaussian", "dim": 512, "k": 8, "seed": 2},
 }
 TASK = {"kind": "classification", "num_labels": 2, "metrics": ["accuracy"]}
+MODES = ("eager", "compiled", "graphed")
 VARIANTS = {
     "text": {"modalities": ["text"], "objective": {"lambda_msb": 0.0}},
     "macsc": {"modalities": ["text", "image", "audio", "video"], "prototypes": PROTOTYPES},
@@ -115,6 +121,26 @@ class Runner:
     def compile(self) -> None:
         self.loss = torch.compile(self._loss)
 
+    def graph(self) -> None:
+        """What runs after the backbone in CUDA graphs, as ``compile_after_backbone`` does."""
+        from macsc.training.compiled import CompiledAfterBackbone
+
+        self.model.compiled_after_backbone = CompiledAfterBackbone(
+            self.model.after_backbone, "reduce-overhead"
+        )
+
+        def loss(batch: dict) -> torch.Tensor:
+            with torch.autocast(self.device_type, dtype=torch.bfloat16):
+                return self.model.training_losses(batch)["total"]
+
+        self.loss = loss
+
+    def state_bytes(self) -> int:
+        """The bytes its parameters and AdamW state hold between steps."""
+        tensors = [*self.model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
     def step(self, batch: dict) -> None:
         self.loss(batch).backward()
         self.optimizer.step()
@@ -169,7 +195,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="per round")
     parser.add_argument("--warmup", type=int, default=5, help="steps, eager and after compiling")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--modes", default="eager,compiled,graphed", help="comma-separated, eager always first"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="the same as --modes eager")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -182,6 +211,9 @@ def main() -> None:
 
     transformers_logging.disable_progress_bar()
     device = args.device
+    modes = ["eager"] if args.no_compile else args.modes.split(",")
+    if modes[0] != "eager" or not set(modes) <= set(MODES):
+        parser.error(f"--modes: eager first, then any of {', '.join(MODES[1:])}")
     if device.startswith("cuda"):
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     started = time.perf_counter()
@@ -192,38 +224,37 @@ def main() -> None:
 
         vocab = AutoConfig.from_pretrained(backbone).vocab_size
         batches = make_batches(4, args.batch_size, args.length, vocab, device)
-        runners, memory = {}, {}
-        for name in VARIANTS:  # warm-up, and each model's memory footprint
-            synchronize(device)
-            before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            runners[name] = Runner(name, backbone, device)
-            for i in range(args.warmup):
-                runners[name].step(batches[i % len(batches)])
-            synchronize(device)
-            if device.startswith("cuda"):
-                memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**30
+        runners = {name: Runner(name, backbone, device) for name in VARIANTS}
     results["parameters"] = {
         name: sum(p.numel() for p in runner.model.parameters()) for name, runner in runners.items()
     }
-    results["peak_memory_gib"] = memory
-    results["eager"] = compare(runners, batches, args.rounds, args.steps, device, args.batch_size)
-    report(results, "eager", memory)
-    if args.profile:
-        profile(runners, batches, args.profile, device)
-    if not args.no_compile:
+    for mode in modes:
         begin = time.perf_counter()
-        for runner in runners.values():
-            runner.compile()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        memory = {}
+        for name, runner in runners.items():  # warm-up (and compiling), and its memory
+            {"eager": lambda: None, "compiled": runner.compile, "graphed": runner.graph}[mode]()
+            synchronize(device)
+            if device.startswith("cuda"):
+                start = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             for i in range(args.warmup):
                 runner.step(batches[i % len(batches)])
-        synchronize(device)
-        results["compile_seconds"] = time.perf_counter() - begin
-        results["compiled"] = compare(
-            runners, batches, args.rounds, args.steps, device, args.batch_size
-        )
-        report(results, "compiled", None)
+            synchronize(device)
+            if device.startswith("cuda"):  # its weights and AdamW state, and the step's peak
+                peak = torch.cuda.max_memory_allocated() - start
+                memory[name] = (runner.state_bytes() + peak) / 2**30
+        results[mode] = compare(runners, batches, args.rounds, args.steps, device, args.batch_size)
+        results[mode]["peak_memory_gib"] = memory
+        results[mode]["warmup_seconds"] = time.perf_counter() - begin
+        if mode != "eager":
+            counters = torch._dynamo.utils.counters
+            results[mode]["graph_breaks"] = sum(counters["graph_break"].values())
+            results[mode]["graphs"] = counters["stats"]["unique_graphs"]
+        report(results, mode)
+        if mode == "eager" and args.profile:
+            profile(runners, batches, args.profile, device)
     results["seconds"] = time.perf_counter() - started
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
@@ -260,9 +291,9 @@ def profile(runners: dict, batches: list[dict], steps: int, device: str) -> None
         print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
-def report(results: dict, mode: str, memory: dict | None) -> None:
+def report(results: dict, mode: str) -> None:
     result = results[mode]
-    rate = result["samples_per_s"]
+    rate, memory = result["samples_per_s"], result["peak_memory_gib"]
     line = (
         f"{mode}: text-only {rate['text']:.0f} samples/s, MaCSC T+I+A+V {rate['macsc']:.0f} "
         f"samples/s -> {result['time_ratio']:.3f}x time per step (rounds: "
@@ -273,8 +304,11 @@ def report(results: dict, mode: str, memory: dict | None) -> None:
             f"; peak memory text-only {memory['text']:.2f} GiB, MaCSC {memory['macsc']:.2f} GiB "
             f"-> {memory['macsc'] / memory['text']:.2f}x"
         )
-    if mode == "compiled":
-        line += f" (compiling took {results['compile_seconds']:.0f} s)"
+    if mode != "eager":
+        line += (
+            f" (warm-up with compiling {result['warmup_seconds']:.0f} s; "
+            f"{result['graph_breaks']} graph breaks, {result['graphs']} graphs)"
+        )
     print(line, flush=True)
 
 

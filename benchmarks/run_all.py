@@ -5,8 +5,8 @@ memory measurements start their own fresh processes), ending with the line
 Sizes are cut to keep the whole run short on two CPU cores (the BERT-base step, ~15 s a step
 on an idle machine, is most of it); each line says what it measured. Run a benchmark's own
 script for the full size or other options: ``extraction.py``, ``data_path.py``,
-``cache_scale.py``, ``startup.py``, ``generation.py``, ``step_overhead.py`` (and ``gpu.sh`` on a
-GPU).
+``cache_scale.py``, ``startup.py``, ``generation.py``, ``ops.py``, ``step_overhead.py`` (and
+``gpu.sh`` on a GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import common
 import data_path
 import extraction
 import generation
+import ops
 import startup
 import step_overhead
 
@@ -38,6 +39,9 @@ def main() -> None:
     generated = generation.run(pairs=6, beam_batches=3, beam_batch=8, threads=1)
     print(generated["detail"], flush=True)
     for line in generation.summary(generated):
+        print(line, flush=True)
+    operators = ops.run()  # BERT-base shape, batch 4 x 32: ~1 min
+    for line in [*ops.detail(operators), ops.summary(operators)]:
         print(line, flush=True)
     bert = step_overhead.run(pairs=4, memory_steps=2, shape="bert-base", warmup=1)
     print(bert["detail"], flush=True)

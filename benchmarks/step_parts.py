@@ -36,11 +36,12 @@ ORDER = ("macsc", "text")
 
 
 class FixedOutput(nn.Module):
-    """Stands in for a backbone: returns ``states`` whatever the input."""
+    """Stands in for a backbone (an encoder-only one): returns ``states`` whatever the input."""
 
     def __init__(self, states: torch.Tensor) -> None:
         super().__init__()
         self.states = states
+        self.config = SimpleNamespace(is_encoder_decoder=False)
 
     def forward(self, **_) -> SimpleNamespace:
         return SimpleNamespace(last_hidden_state=self.states)
@@ -61,7 +62,7 @@ def alternating(runs: dict, repeats: int) -> dict[str, float]:
 
 def forward_backward(model, batch: dict, states: torch.Tensor):
     """What runs after the backbone, forward and backward, the backbone's output fixed."""
-    model.backbone = FixedOutput(states)
+    model.network.backbone = FixedOutput(states)
 
     def run():
         model.compute_losses(batch, model(batch))["total"].backward()
@@ -86,12 +87,11 @@ def run(shape: str = "bert-base", repeats: int = 20, steps: int = 3) -> dict[str
             trainee.model.compute_losses(batch, trainee.model(batch))["total"].backward()
         optimizers = {f"AdamW {v}": t.optimizer.step for v, t in trainees.items()}
         result |= alternating(optimizers, repeats)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.no_grad():
-            states = text.model.backbone(**inputs).last_hidden_state.detach()
+            states = text.model.network.encode(batch).detach()
         states.requires_grad_(True)
         without = common.build_model("macsc", backbone=backbone).train()
-        without.calibration = None  # what objective.lambda_msb: 0 builds
+        without.objective.calibration = None  # what objective.lambda_msb: 0 builds
         models = {
             "text": text.model,
             "macsc without L_msb": without,

@@ -47,6 +47,7 @@ CALIBRATION = "tests/method/test_calibration_reference.py"
 CALIBRATION_MODULE = "tests/method/test_calibration_module.py"
 ENHANCER = "tests/method/test_enhancement_eq2.py"
 ENHANCER_MODES = "tests/method/test_enhancer_modes.py"
+BATCHED = "tests/method/test_batched_enhancers.py"
 OBJECTIVE = "tests/method/test_objective.py"
 WIRING = "tests/method/test_objective_wiring.py"
 MODEL = "tests/training/test_module.py"
@@ -68,7 +69,9 @@ SCOPE: dict[str, Part] = {
     "macsc/method/calibration.py": Part(
         ("*",), (MATH, CALIBRATION, CALIBRATION_MODULE, *MODEL_LEVEL)
     ),
-    "macsc/method/fusion.py": Part(("*",), (ENHANCER, ENHANCER_MODES, *MODEL_LEVEL)),
+    "macsc/method/fusion.py": Part(("*",), (ENHANCER, ENHANCER_MODES, BATCHED, *MODEL_LEVEL)),
+    "macsc/method/attention.py": Part(("*",), (ENHANCER, ENHANCER_MODES, BATCHED, *MODEL_LEVEL)),
+    "macsc/method/stacked.py": Part(("*",), (ENHANCER, ENHANCER_MODES, BATCHED, *HEADS)),
     "macsc/method/objective.py": Part(("*",), MODEL_LEVEL),
     "macsc/method/network.py": Part(("xǁBranchRepresentationsǁ*",), (*MODEL_LEVEL, SQUAD_EDGES)),
     "macsc/method/heads/base.py": Part(("*",), HEADS),

@@ -21,6 +21,7 @@ weights its options in ``macsc.json`` name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,17 @@ def write_weights(state: dict[str, Tensor], path: Path) -> int:
     return len(tensors)
 
 
-def read_weights(path: Path, expected: dict[str, Tensor], describe: str) -> dict[str, Tensor]:
+def read_weights(
+    path: Path,
+    expected: dict[str, Tensor],
+    describe: str,
+    upgrade: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+) -> dict[str, Tensor]:
     """The state dict in ``path``, checked against ``expected`` (the state dict of the model
     ``describe`` names): a file that is not safetensors, or a key missing, unexpected or of
-    another shape, is one CheckpointError line naming the keys and shapes."""
+    another shape, is one CheckpointError line naming the keys and shapes. ``upgrade`` maps a
+    state dict of an earlier layout to today's before the check (an export written before the
+    enhancers were stacked holds one set of enhancer tensors per modality)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -101,6 +109,8 @@ def read_weights(path: Path, expected: dict[str, Tensor], describe: str) -> dict
     for alias, key in aliases.items():
         if key in state:
             state[alias] = state[key]
+    if upgrade is not None:
+        state = upgrade(state)
     problems = state_dict_mismatch(expected, state)
     if problems:
         raise CheckpointError(

@@ -21,6 +21,7 @@ from macsc.errors import CheckpointError, ConfigError
 from macsc.inference.folder import WEIGHTS, as_plain, read_manifest, read_weights
 from macsc.inference.predict import predict_inputs
 from macsc.method.network import backbone_architecture_only
+from macsc.training.legacy import upgrade_state_dict
 from macsc.training.module import MaCSC as TrainingMaCSC
 
 
@@ -75,7 +76,14 @@ class MaCSC(TrainingMaCSC):
                 f"{folder / 'macsc.json'}: its model options do not fit this macsc ({error})"
             ) from error
         describe = f"the model {folder / 'macsc.json'} describes"
-        state = read_weights(folder / WEIGHTS, model.state_dict(), describe)
+        enhancers = model.network.enhancers
+        shared = enhancers is not None and enhancers.shared
+        state = read_weights(
+            folder / WEIGHTS,
+            model.state_dict(),
+            describe,
+            upgrade=lambda state: upgrade_state_dict(state, model.modalities[1:], shared),
+        )
         model.load_state_dict(state, strict=True)
         note = model.head.restore_options(manifest.get("head_options") or {})
         if note is not None:

@@ -7,8 +7,9 @@ Pure functions on tensors. Shapes: ``B`` batch, ``C`` classes (or bins, or span 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from macsc.method.stacked import as_dtype
 
 _EPS = 1e-12
 
@@ -37,7 +38,7 @@ def debiased_distribution(logits: Tensor, prior: Tensor, alpha: float = 1.0) -> 
     logits: ``(..., C)``; prior: ``(C,)`` positive. Returns ``(..., C)``. Differentiable; the
     model detaches the result because these distributions are targets (Theorem 1's proof).
     """
-    log_prior = prior.to(logits.dtype).clamp_min(_EPS).log()
+    log_prior = as_dtype(prior, logits.dtype).clamp_min(_EPS).log()
     return torch.softmax(logits - alpha * log_prior, dim=-1)
 
 
@@ -68,7 +69,20 @@ def cosine_agreement(p_m: Tensor, p_k: Tensor) -> Tensor:
     p_m, p_k: ``(..., B, C)``. Returns ``(..., B, B)``. A zero vector has zero similarity with
     everything (instead of NaN).
     """
-    return F.normalize(p_m, dim=-1, eps=_EPS) @ F.normalize(p_k, dim=-1, eps=_EPS).transpose(-1, -2)
+    return unit_rows(p_m) @ unit_rows(p_k).transpose(-1, -2)
+
+
+def pairwise_agreement(distributions: Tensor) -> Tensor:
+    """:func:`cosine_agreement` of every ordered pair of modalities at once:
+    ``(M, B, C)`` -> ``(M, M, B, B)``, entry ``[m, k]`` the agreement ``w^(m,k)``."""
+    unit = unit_rows(distributions)
+    return torch.einsum("mic,kjc->mkij", unit, unit)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """``x`` with each row (last dim) scaled to length one; a zero row stays zero
+    (``F.normalize`` with its ``eps``)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 def allocation_weights(p_m: Tensor, p_k: Tensor) -> Tensor:
@@ -78,7 +92,7 @@ def allocation_weights(p_m: Tensor, p_k: Tensor) -> Tensor:
     over the whole batch (rows whose similarities are all zero stay zero). The label mask of Eq. 7
     is applied afterwards, in the loss.
     """
-    return _normalize_rows(cosine_agreement(p_m, p_k))
+    return batch_normalized(cosine_agreement(p_m, p_k))
 
 
 def positive_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
@@ -88,7 +102,7 @@ def positive_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
     positive sums to one, so losses of different modality pairs are on one scale; a row without
     positives is all zero and contributes nothing.
     """
-    return _normalize_rows(cosine_agreement(p_m, p_k) * positive_mask.to(p_m.dtype))
+    return positives_normalized(cosine_agreement(p_m, p_k), positive_mask)
 
 
 def balanced_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
@@ -102,11 +116,35 @@ def balanced_weights(p_m: Tensor, p_k: Tensor, positive_mask: Tensor) -> Tensor:
     fine-grained signal there is under an identity mask (QA); the scalar makes the losses of
     different modality pairs comparable. All zero when no weight survives the mask.
     """
-    mask = positive_mask.to(p_m.dtype)
-    weights = allocation_weights(p_m, p_k) * mask
+    return balanced_normalized(cosine_agreement(p_m, p_k), positive_mask)
+
+
+def batch_normalized(agreement: Tensor, positive_mask: Tensor | None = None) -> Tensor:
+    """:func:`allocation_weights` from the agreement ``w`` ``(..., B, B)`` (Eq. 5; the mask is
+    the loss's business)."""
+    return _normalize_rows(agreement)
+
+
+def positives_normalized(agreement: Tensor, positive_mask: Tensor) -> Tensor:
+    """:func:`positive_weights` from the agreement ``w`` ``(..., B, B)``."""
+    return _normalize_rows(agreement * positive_mask.to(agreement.dtype))
+
+
+def balanced_normalized(agreement: Tensor, positive_mask: Tensor) -> Tensor:
+    """:func:`balanced_weights` from the agreement ``w`` ``(..., B, B)``."""
+    weights = _normalize_rows(agreement) * positive_mask.to(agreement.dtype)
     rows = positive_mask.any(dim=-1).sum().to(weights.dtype)
     total = weights.sum(dim=(-1, -2), keepdim=True)
     return weights * (rows / total.clamp_min(_EPS))
+
+
+#: SPEC 5's ``weight_normalization``: the weights that enter Eq. 7, from the agreement ``w``
+#: and the positives
+NORMALIZED_WEIGHTS = {
+    "balanced": balanced_normalized,
+    "batch": batch_normalized,
+    "positives": positives_normalized,
+}
 
 
 def coarse_weights(z: Tensor) -> Tensor:

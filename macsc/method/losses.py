@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from macsc.method.stacked import as_dtype
+
 REDUCTIONS = ("mean", "sum")
 
 
@@ -33,7 +35,8 @@ def self_balancing_contrastive_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = m_feats @ k_feats.transpose(-1, -2) / tau
     log_p = torch.log_softmax(logits, dim=-1)
-    per_anchor = -(positive_mask.to(log_p.dtype) * weights.to(log_p.dtype) * log_p).sum(dim=-1)
+    mask = positive_mask.to(log_p.dtype)
+    per_anchor = -(mask * as_dtype(weights, log_p.dtype) * log_p).sum(dim=-1)
     return per_anchor.mean(dim=-1) if reduction == "mean" else per_anchor.sum(dim=-1)
 
 

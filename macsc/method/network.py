@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from macsc.errors import ConfigError, MacscError
-from macsc.method.fusion import ConceptEnhancer, masked_mean, sentence_pool, sentence_positions
+from macsc.method.fusion import ConceptEnhancers, masked_mean, sentence_pool, sentence_positions
 from macsc.method.options import EnhancerOptions
 from macsc.method.text_tower import TEXT_TOWER_MODEL_TYPE, build_text_tower
 from macsc.paths import resolve_pretrained
@@ -38,21 +38,24 @@ DEFAULT_PROTOTYPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class BranchRepresentations:
-    """What the network gives the heads for one batch.
+    """What the network gives the heads for one batch; ``M'`` non-text modalities, in
+    ``modalities`` order, stacked along the leading axis.
 
     text: ``H^t`` ``(B, l, d)``. mask: the text attention mask ``(B, l)``.
-    enhanced_text: ``Ĥ^t_m`` per non-text modality, in ``modalities`` order: ``(B, l, d)``, or
-        ``(B, r, d)`` when only ``rows`` were computed.
-    prototypes, prototype_masks: ``Ĥ^m`` ``(B, n_m, d)`` and its mask ``(B, n_m)`` per modality.
+    enhanced_text: ``Ĥ^t_m`` ``(M', B, l, d)``, or ``(M', B, r, d)`` when only ``rows`` were
+        computed; None without a non-text modality.
+    prototypes, prototype_masks: ``Ĥ^m`` ``(M', B, n, d)`` and its mask ``(M', B, n)`` bool
+        (a modality with fewer than ``n`` prototype rows has masked padding rows); None without
+        a non-text modality.
     rows: ``(B, r)`` the positions of ``H^t`` that ``enhanced_text`` holds, None for all.
     pooling: the backbone's sentence position (``first``, ``last`` or ``mean``).
     """
 
     text: Tensor
     mask: Tensor
-    enhanced_text: list[Tensor]
-    prototypes: list[Tensor]
-    prototype_masks: list[Tensor]
+    enhanced_text: Tensor | None
+    prototypes: Tensor | None
+    prototype_masks: Tensor | None
     rows: Tensor | None
     pooling: str
 
@@ -60,22 +63,35 @@ class BranchRepresentations:
     def text_branch(self) -> Tensor:
         """The text branch (SPEC 2): the mean over modalities of ``Ĥ^t_m``; ``H^t`` alone
         when the run has no other modality."""
-        return torch.stack(self.enhanced_text).mean(0) if self.enhanced_text else self.text
+        return self.text if self.enhanced_text is None else self.enhanced_text.mean(0)
+
+    def token_branches(self) -> Tensor:
+        """``(M, B, l, d)``: what each branch's token-level head reads, ``H^t`` for the text
+        branch, then ``Ĥ^t_m`` per modality (SPEC 3, extractive QA)."""
+        if self.enhanced_text is None:
+            return self.text.unsqueeze(0)
+        return torch.cat([self.text.unsqueeze(0), self.enhanced_text.to(self.text.dtype)])
 
     def sentence(self, states: Tensor) -> Tensor:
-        """``(B, d)``: ``states`` read at the sentence position. A tensor of all ``l`` rows is
-        pooled there (:func:`macsc.method.fusion.sentence_pool`); one already cut to ``rows`` holds
-        only that row."""
-        if self.rows is not None and states.shape[1] == self.rows.shape[1]:
-            return states[:, 0]
+        """``(..., B, d)``: ``states`` ``(..., B, l, d)`` read at the sentence position. A
+        tensor of all ``l`` rows is pooled there (:func:`macsc.method.fusion.sentence_pool`);
+        one already cut to ``rows`` holds only that row."""
+        if self.rows is not None and states.shape[-2] == self.rows.shape[1]:
+            return states.select(-2, 0)
         return sentence_pool(states, self.mask, self.pooling)
 
-    def pooled_prototypes(self) -> list[Tensor]:
-        """The masked mean of each modality's enhanced prototypes ``Ĥ^m``: ``(B, d)`` each."""
-        return [
-            masked_mean(states, mask).to(self.text.dtype)
-            for states, mask in zip(self.prototypes, self.prototype_masks, strict=True)
-        ]
+    def pooled_prototypes(self) -> Tensor | None:
+        """The masked mean of each modality's enhanced prototypes ``Ĥ^m``: ``(M', B, d)``."""
+        if self.prototypes is None:
+            return None
+        return masked_mean(self.prototypes, self.prototype_masks).to(self.text.dtype)
+
+    def pooled(self) -> Tensor:
+        """``(M, B, d)``: every branch's pooled representation (SPEC 3), the text branch at the
+        backbone's sentence position, then each modality's :meth:`pooled_prototypes`."""
+        text = self.sentence(self.text_branch).unsqueeze(0)  # (1, B, d)
+        prototypes = self.pooled_prototypes()
+        return text if prototypes is None else torch.cat([text, prototypes])
 
 
 class MaCSCNetwork(nn.Module):
@@ -138,7 +154,6 @@ class MaCSCNetwork(nn.Module):
 
         self._frozen_extractors: dict[str, PrototypeExtractor] = {}
         self.trainable_extractors = nn.ModuleDict()
-        self.enhancers = nn.ModuleDict()
         self.sources: dict[str, str] = {}
         built: dict[str, PrototypeExtractor] = {}
         for name in self.modalities[1:]:
@@ -165,19 +180,21 @@ class MaCSCNetwork(nn.Module):
                 # one copy of its weights
                 built[shared] = extractor
                 self._frozen_extractors[name] = extractor.eval()
-            self.enhancers[name] = ConceptEnhancer(
+        # one enhancer per non-text modality, stacked (SPEC 2): None for a text-only run
+        self.enhancers = (
+            ConceptEnhancers(
+                self.modalities[1:],
                 self.hidden_size,
-                extractor.dim,
+                [self.extractors[name].dim for name in self.modalities[1:]],
                 num_heads=enhancer.heads,
                 dropout=self.dropout_rate,
                 feed_forward=enhancer.feed_forward,
                 enhancement=enhancer.enabled,
+                shared=enhancer.shared,
             )
-        if enhancer.shared and enhancer.enabled and len(self.enhancers) > 1:
-            first = next(iter(self.enhancers.values()))
-            for block in self.enhancers.values():
-                block.attention, block.norm = first.attention, first.norm
-                block.feed_forward, block.ff_norm = first.feed_forward, first.ff_norm
+            if len(self.modalities) > 1
+            else None
+        )
 
     @property
     def extractors(self) -> dict[str, PrototypeExtractor]:
@@ -230,20 +247,28 @@ class MaCSCNetwork(nn.Module):
         """Branch representations of ``batch``; ``rows`` ``(B, r)``: the only positions of
         ``Ĥ^t_m`` the caller reads (the enhancers then query only those rows and the prototype
         rows, :func:`macsc.method.fusion.few_query_attention`), None for every position."""
+        return self.enhance(self.encode(batch), batch, rows)
+
+    def encode(self, batch: dict) -> Tensor:
+        """``H^t`` ``(B, l, d)``: the backbone's (or its encoder's) last hidden states."""
         inputs = {
             k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch
         }
-        text = self.encoder(**inputs).last_hidden_state  # H^t: (B, l, d)
+        return self.encoder(**inputs).last_hidden_state  # H^t: (B, l, d)
+
+    def enhance(
+        self, text: Tensor, batch: dict, rows: Tensor | None = None
+    ) -> BranchRepresentations:
+        """The branch representations from the backbone's output ``text`` ``(B, l, d)``: every
+        modality's enhancer at once (:class:`macsc.method.fusion.ConceptEnhancers`)."""
         mask = batch["attention_mask"]  # (B, l)
-        enhanced_text, prototypes, masks = [], [], []
-        for name in self.modalities[1:]:
-            source = self.prototypes_of(batch, name)  # H^m: (B, n_m, d_m), mask (B, n_m)
-            text_m, proto_m = self.enhancers[name](
-                text, mask, source.features, source.mask, text_rows=rows
-            )  # Ĥ^t_m: (B, l, d), or (B, r, d) for the rows asked; Ĥ^m: (B, n_m, d)
-            enhanced_text.append(text_m)
-            prototypes.append(proto_m)
-            masks.append(source.mask)
+        if self.enhancers is None:
+            return BranchRepresentations(text, mask, None, None, None, rows, self.text_pooling)
+        sources = [self.prototypes_of(batch, name) for name in self.modalities[1:]]
+        # H^m: (B, n_m, d_m) and its mask (B, n_m) per modality
+        enhanced_text, prototypes, masks = self.enhancers(
+            text, mask, [s.features for s in sources], [s.mask for s in sources], text_rows=rows
+        )  # Ĥ^t_m: (M', B, l, d), or (M', B, r, d) for the rows asked; Ĥ^m: (M', B, n, d)
         return BranchRepresentations(
             text, mask, enhanced_text, prototypes, masks, rows, self.text_pooling
         )

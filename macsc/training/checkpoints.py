@@ -44,6 +44,7 @@ from macsc.method.options import as_dict
 from macsc.prototypes.published_weights import safe_torch_load, state_dict_mismatch
 from macsc.training.legacy import (
     OPTION_GROUPS,
+    per_modality_enhancers,
     upgrade_model_options,
     upgrade_state_dict,
 )
@@ -323,7 +324,9 @@ class CheckpointedModule(L.LightningModule):
         (:func:`macsc.training.legacy.upgrade_state_dict`), and reports a checkpoint of another
         architecture (another backbone width, other modalities or task) in one line naming the
         mismatched keys and the checkpoint's settings, not torch's page of keys."""
-        state_dict = upgrade_state_dict(state_dict)
+        enhancers = self.network.enhancers
+        shared = enhancers is not None and enhancers.shared
+        state_dict = upgrade_state_dict(state_dict, self.modalities[1:], shared)
         saved = {
             key: self._checkpoint_hparams[key]
             for key in ("backbone", "modalities", "task")
@@ -357,6 +360,16 @@ class CheckpointedModule(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        resuming = fitting and "optimizer_states" in checkpoint
+        if resuming and per_modality_enhancers(checkpoint.get("state_dict") or {}):
+            # its weights load (stacked), but the optimiser's state is one entry per tensor
+            raise CheckpointError(
+                "this checkpoint was written before the enhancers of all modalities were "
+                "stacked into one module (2026-12): its weights load (validate, test, predict), "
+                "but its optimiser state cannot be resumed; finish the run with the macsc "
+                "version that wrote it, or start a new fit"
+            )
         note = self.head.restore_options(checkpoint.get(HEAD_OPTIONS_KEY) or {})
         if note is not None:
             rank_zero_info(note)

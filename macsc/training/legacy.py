@@ -7,6 +7,8 @@
   config names by class path (callbacks, strategies, checkpoint plugins, the LightningModule).
 - :data:`LEGACY_PREFIXES`, :data:`LEGACY_KEYS`: state-dict keys of checkpoints written before
   the model was split into network, heads and objective (macsc 0.1).
+- :func:`stack_enhancers`: checkpoints written before the enhancers were stacked (2026-12), with
+  one module per non-text modality (``network.enhancers.<m>.attention.in_proj_weight``).
 
 No Lightning here, so that ``macsc report`` and ``macsc overlap`` read old run folders without
 importing it.
@@ -168,19 +170,87 @@ def describe_renames(renamed: list[Rename], shown: int = 3) -> str:
     return " and ".join(parts)
 
 
-def upgrade_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with the keys of an earlier layout renamed to today's (a dict of today's
-    layout is returned unchanged)."""
-    if not any(key in state_dict for key in LEGACY_KEYS) and not any(
+def upgrade_state_dict(
+    state_dict: dict[str, Any], modalities: list[str] | None = None, shared: bool = False
+) -> dict[str, Any]:
+    """``state_dict`` with the keys of an earlier layout renamed to today's, and per-modality
+    enhancers stacked (:func:`stack_enhancers`; ``modalities``, ``shared``: the model's); a dict
+    of today's layout is returned unchanged."""
+    if any(key in state_dict for key in LEGACY_KEYS) or any(
         key.startswith(tuple(LEGACY_PREFIXES)) for key in state_dict
     ):
+        upgraded = {}
+        for key, value in state_dict.items():
+            new = LEGACY_KEYS.get(key, key)
+            for old, prefix in LEGACY_PREFIXES.items():
+                if key.startswith(old):
+                    new = prefix + key[len(old) :]
+                    break
+            upgraded[new] = value
+        state_dict = upgraded
+    return stack_enhancers(state_dict, modalities, shared)
+
+
+#: where the enhancers' parameters live in the state dict
+ENHANCERS = "network.enhancers."
+
+
+def per_modality_enhancers(state_dict: dict[str, Any]) -> list[str]:
+    """The modalities whose enhancer ``state_dict`` holds one module each, as before 2026-12
+    (``network.enhancers.<m>.type_embedding``; macsc 0.1: ``enhancers.<m>.type_embedding``), in
+    the order of their keys; [] for today's layout."""
+    found = []
+    for key in state_dict:
+        bare = key.removeprefix("network.")
+        if bare.startswith("enhancers.") and bare.endswith(".type_embedding"):
+            name = bare[len("enhancers.") : -len(".type_embedding")]
+            if name and "." not in name:
+                found.append(name)
+    return found
+
+
+def stack_enhancers(
+    state_dict: dict[str, Any], modalities: list[str] | None = None, shared: bool = False
+) -> dict[str, Any]:
+    """One enhancer module per non-text modality, as checkpoints before 2026-12 hold them, in
+    today's stacked layout (:class:`macsc.method.fusion.ConceptEnhancers`): each
+    ``<m>.<name>`` of the modalities (in ``modalities`` order, else their keys') stacked along a
+    new leading axis into ``<name>``, and the projections' weights ``<m>.project.weight``
+    ``(d, d_m)`` put side by side into ``project.weight`` ``(d, Σ d_m)``. ``shared``: the
+    model shares one attention block (``model.enhancer.shared``), which such a checkpoint holds
+    once per modality: it is kept once. The entries keep their place in the dict."""
+    found = per_modality_enhancers(state_dict)
+    if not found:
         return state_dict
-    upgraded = {}
+    order = [m for m in modalities if m in found] if modalities else found
+    if sorted(order) != sorted(found):
+        order = found  # other modalities than the model's: the mismatch check names them
+    prefixes = [f"{ENHANCERS}{m}." for m in order]
+    names = [key[len(prefixes[0]) :] for key in state_dict if key.startswith(prefixes[0])]
+    per_modality = {name: [state_dict[p + name] for p in prefixes] for name in names}
+    upgraded: dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = LEGACY_KEYS.get(key, key)
-        for old, prefix in LEGACY_PREFIXES.items():
-            if key.startswith(old):
-                new = prefix + key[len(old) :]
-                break
-        upgraded[new] = value
+        if not key.startswith(tuple(prefixes)):
+            upgraded[key] = value
+        elif key.startswith(prefixes[0]):
+            name = key[len(prefixes[0]) :]
+            upgraded[ENHANCERS + name] = _stacked(name, per_modality[name], shared)
     return upgraded
+
+
+def _stacked(name: str, values: list[Any], shared: bool) -> Any:
+    import torch
+
+    from macsc.errors import CheckpointError
+
+    if name == "project.weight":
+        return torch.cat(values, dim=1)
+    if not shared or name in ("project.bias", "type_embedding"):
+        return torch.stack(values)
+    if any(not torch.equal(value, values[0]) for value in values[1:]):
+        raise CheckpointError(
+            f"the checkpoint has a separate enhancer {name} per modality, but this model "
+            "shares one attention block (model.enhancer.shared: true); load it with "
+            "model.enhancer.shared: false, the setting it was trained with"
+        )
+    return values[0].unsqueeze(0)

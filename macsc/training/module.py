@@ -30,6 +30,7 @@ from macsc.training.checkpoints import (
     CheckpointedModule,
     check_checkpoint_is_safe,
 )
+from macsc.training.compiled import CompiledAfterBackbone, check_compile_mode
 from macsc.training.guards import NonFiniteCheck, NonFiniteGuard, no_gradient_loss
 from macsc.training.heatmaps import ModalityWeightHeatmaps
 from macsc.training.optim import OptimizerOptions, build_optimizer, linear_schedule
@@ -94,6 +95,10 @@ class MaCSC(CheckpointedModule):
             data is tokenised with its own tokenizer; ``{kind: open_clip|audioclip|clip_vip,
             <the options that load it, as in prototypes>, projection: true}``
             (:mod:`macsc.method.text_tower`). Needs ``backbone: null``.
+        compile_after_backbone: a ``torch.compile`` mode for what a training step runs after
+            the backbone (enhancers, heads, objective); ``reduce-overhead`` captures it in CUDA
+            graphs, one per text length the batches have (:mod:`macsc.training.compiled`).
+            Null (the default): eager.
 
     The option groups may also be given as mappings (``objective={"tau": 0.2}``); the
     hyperparameters a checkpoint keeps hold them as mappings.
@@ -114,6 +119,7 @@ class MaCSC(CheckpointedModule):
         backbone_kwargs: dict[str, Any] | None = None,
         head_options: dict[str, Any] | None = None,
         text_tower: dict[str, Any] | None = None,
+        compile_after_backbone: str | None = None,
     ) -> None:
         super().__init__()
         modalities = (
@@ -146,6 +152,12 @@ class MaCSC(CheckpointedModule):
         )
         self.head.attach(self.network.backbone)
         self.objective = MaCSCObjective(modalities, self.network.hidden_size, self.head, objective)
+        check_compile_mode(compile_after_backbone, objective.gather_across_devices)
+        self.compiled_after_backbone = (
+            CompiledAfterBackbone(self.after_backbone, compile_after_backbone)
+            if compile_after_backbone
+            else None
+        )
         self._updated: set[str] = set()
         self.metrics = torch.nn.ModuleDict(
             {
@@ -209,12 +221,22 @@ class MaCSC(CheckpointedModule):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: dict) -> ModelOutput:
+        return self.branches(self.network.encode(batch), batch)
+
+    def branches(self, text: Tensor, batch: dict) -> ModelOutput:
+        """What runs after the backbone: the enhancers and the heads, from ``H^t`` ``(B, l, d)``."""
         # a head that reads one row of each Ĥ^t_m: the enhancers then compute only that row
         rows = (
             None if self.head.needs_tokens else self.network.sentence_rows(batch["attention_mask"])
         )
-        representations = self.network(batch, rows)
+        representations = self.network.enhance(text, batch, rows)
         return ModelOutput(representations, self.head(representations, batch))
+
+    def after_backbone(self, text: Tensor, batch: dict) -> dict[str, Any]:
+        """Every loss term of the batch from the backbone's output ``H^t`` ``(B, l, d)``, on one
+        device (no gathering across ranks): the part of a training step whose shapes are fixed
+        once the text length is, which ``compile_after_backbone`` compiles."""
+        return self.objective(self.head, self.branches(text, batch).head, batch)
 
     def compute_losses(self, batch: dict, forward: ModelOutput) -> dict[str, Any]:
         """Every loss term of the batch (:meth:`macsc.method.objective.MaCSCObjective.forward`)."""
@@ -226,9 +248,16 @@ class MaCSC(CheckpointedModule):
             )
         return self.objective(self.head, forward.head, batch, devices)
 
+    def training_losses(self, batch: dict) -> dict[str, Any]:
+        """The loss terms of a training batch: eager, or what runs after the backbone compiled
+        (``compile_after_backbone``)."""
+        if self.compiled_after_backbone is None:
+            return self.compute_losses(batch, self(batch))
+        return self.compiled_after_backbone(self.network.encode(batch), batch)
+
     # ---------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
-        losses = self.compute_losses(batch, self(batch))
+        losses = self.training_losses(batch)
         terms = self.objective.terms(losses)
         if self.guard.policy == "skip":
             any_rank = None

@@ -217,6 +217,29 @@ def test_a_wrong_shape_or_a_missing_key_is_one_clear_line(demo, tmp_path, capsys
         MaCSC.from_pretrained(run)
 
 
+def test_an_export_with_one_enhancer_per_modality_loads_and_predicts_the_same(demo, tmp_path):
+    """A folder exported before the enhancers were stacked holds each modality's enhancer
+    tensors under ``network.enhancers.<m>.*``; it loads into today's stacked layout."""
+    from macsc import MaCSC
+
+    run, folder = demo
+    model = MaCSC.from_pretrained(folder)
+    enhancers = model.network.enhancers
+
+    def per_modality(state):
+        for key in [k for k in state if k.startswith("network.enhancers.")]:
+            del state[key]
+        for name in model.modalities[1:]:
+            for key, value in enhancers.parameters_of(name).items():
+                state[f"network.enhancers.{name}.{key}"] = value.detach().clone()
+
+    old = damaged_copy(folder, tmp_path / "per_modality", per_modality)
+    with safe_open(str(old / "macsc.safetensors"), framework="pt") as handle:
+        assert "network.enhancers.image.project.weight" in handle.keys()
+    texts = [record["text"] for record in validated_records(run)[:16]]
+    assert MaCSC.from_pretrained(old).predict(texts) == model.predict(texts)
+
+
 def test_shared_tensors_are_stored_once_and_restored_under_every_name(tmp_path):
     from macsc.inference.folder import read_weights, write_weights
 

@@ -14,6 +14,7 @@ from macsc.method.allocation import (
     coarse_weights,
     cosine_agreement,
     debiased_distribution,
+    pairwise_agreement,
     soft_bin_distribution,
 )
 from macsc.method.losses import (
@@ -65,6 +66,20 @@ def test_cosine_agreement_by_hand_and_zero_vectors():
 
     want = [[cos(a, b) for b in q.tolist()] for a in p.tolist()]
     torch.testing.assert_close(cosine_agreement(p, q), torch.tensor(want))
+
+
+def test_the_agreement_of_every_modality_pair_at_once_by_hand():
+    """Entry ``[m, k, i, j]`` is ``cos(p_i^m, p_j^k)`` (torch's own cosine), zero vectors
+    included; the calibration computes all ``M x M`` pairs in one product (issue 20)."""
+    p = torch.rand(3, 4, 5, dtype=torch.float64)
+    p[1, 2] = 0.0  # a sample whose distribution is all zero (spans without an answer)
+    got = pairwise_agreement(p)
+    assert got.shape == (3, 3, 4, 4)
+    for m in range(3):
+        for k in range(3):
+            want = torch.nn.functional.cosine_similarity(p[m, :, None], p[k, None], dim=-1)
+            want[torch.isnan(want)] = 0.0
+            torch.testing.assert_close(got[m, k], want, rtol=1e-12, atol=1e-12)
 
 
 def test_balanced_weights_count_the_anchor_rows_that_have_a_positive():

@@ -8,8 +8,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macsc.method.fusion import ConceptEnhancer, few_query_attention, masked_mean, select_rows
-from tests.method.test_enhancement_eq2 import eq2_by_hand
+from macsc.method.attention import StackedAttention, few_query_attention
+from macsc.method.fusion import masked_mean, select_rows
+from tests.method.test_enhancement_eq2 import enhancer_of_one, eq2_by_hand, run_one
+
+
+def stacked_copy(attention: torch.nn.MultiheadAttention) -> StackedAttention:
+    """A one-block :class:`StackedAttention` with ``attention``'s weights and dropout."""
+    width = attention.embed_dim
+    stacked = StackedAttention(1, width, attention.num_heads, attention.dropout)
+    stacked = stacked.to(attention.in_proj_weight.dtype).train(attention.training)
+    with torch.no_grad():
+        stacked.in_proj_weight[0] = attention.in_proj_weight
+        stacked.in_proj_bias[0] = attention.in_proj_bias
+        stacked.out_proj.weight[0] = attention.out_proj.weight
+        stacked.out_proj.bias[0] = attention.out_proj.bias
+    return stacked
+
+
+def few_query_of_one(attention, query, context, padding):
+    """:func:`few_query_attention` with ``attention``'s weights, for one modality."""
+    return few_query_attention(stacked_copy(attention), query[None], context[None], padding[None])[
+        0
+    ]
 
 
 def attention_by_hand(attention, query, context, padding, generator_seed=None):
@@ -46,39 +67,41 @@ def test_few_query_attention_in_training_mode_is_eq2_with_its_dropout(dropout):
     query, context = torch.randn(2, 3, 8).double(), torch.randn(2, 6, 8).double()
     padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
     torch.manual_seed(7)
-    got = few_query_attention(attention, query, context, padding)
+    got = few_query_of_one(attention, query, context, padding)
     want = attention_by_hand(attention, query, context, padding, generator_seed=7)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_the_feed_forward_block_follows_the_attention():
     torch.manual_seed(1)
-    module = ConceptEnhancer(16, 6, num_heads=4, dropout=0.0, feed_forward=True).double().eval()
+    module = enhancer_of_one(16, 6, num_heads=4, dropout=0.0, feed_forward=True).double().eval()
     torch.nn.init.normal_(module.attention.in_proj_bias)
     text, prototypes = torch.randn(2, 5, 16).double(), torch.randn(2, 3, 6).double()
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     prototype_mask = torch.tensor([[True, True, False], [True, True, True]])
+    p = module.parameters_of("image")
     with torch.no_grad():
-        text_m, proto_m = module(text, text_mask, prototypes, prototype_mask)
+        text_m, proto_m = run_one(module, text, text_mask, prototypes, prototype_mask)
         after_attention = eq2_by_hand(module, text, text_mask, prototypes, prototype_mask)
-        first, _, _, second = module.feed_forward
         for got, fused in zip((text_m, proto_m), after_attention, strict=True):
-            hidden = F.gelu(fused @ first.weight.T + first.bias)
-            want = module.ff_norm(fused + hidden @ second.weight.T + second.bias)
+            hidden = F.gelu(fused @ p["feed_forward.0.weight"].T + p["feed_forward.0.bias"])
+            out = hidden @ p["feed_forward.3.weight"].T + p["feed_forward.3.bias"]
+            want = F.layer_norm(fused + out, (16,), p["ff_norm.weight"], p["ff_norm.bias"])
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_without_enhancement_the_text_is_untouched_and_prototypes_projected():
     torch.manual_seed(2)
-    module = ConceptEnhancer(8, 5, num_heads=3, enhancement=False)  # no attention: any heads
+    module = enhancer_of_one(8, 5, num_heads=3, enhancement=False)  # no attention: any heads
     text, prototypes = torch.randn(2, 4, 8), torch.randn(2, 3, 5)
     mask = torch.ones(2, 4)
-    projected = prototypes @ module.project.weight.T + module.project.bias + module.type_embedding
-    text_m, proto_m = module(text, mask, prototypes, torch.ones(2, 3))
+    p = module.parameters_of("image")
+    projected = prototypes @ p["project.weight"].T + p["project.bias"] + p["type_embedding"]
+    text_m, proto_m = run_one(module, text, mask, prototypes, torch.ones(2, 3))
     assert torch.equal(text_m, text)
     torch.testing.assert_close(proto_m, projected)
     rows = torch.tensor([[3], [1]])
-    text_rows, _ = module(text, mask, prototypes, torch.ones(2, 3), text_rows=rows)
+    text_rows, _ = run_one(module, text, mask, prototypes, torch.ones(2, 3), text_rows=rows)
     assert torch.equal(text_rows, torch.stack([text[0, 3:4], text[1, 1:2]]))
 
 

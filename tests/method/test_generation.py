@@ -76,16 +76,14 @@ def memory_by_hand(net: MaCSC, t5, batch: dict, text: str = "encoder_output"):
     encoded = t5.encoder(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
-    rows, prototypes, masks = [], [], [batch["attention_mask"]]
-    for name in ("image", "audio"):
-        source = batch["prototypes"][name]
-        enhancer = net.network.enhancers[name]
-        text_m, prototypes_m = enhancer(
-            encoded, batch["attention_mask"], source["features"], source["mask"]
-        )
-        rows.append(text_m)
-        prototypes.append(prototypes_m)
-        masks.append(source["mask"].long())
+    sources = [batch["prototypes"][name] for name in ("image", "audio")]
+    rows, prototypes, _ = net.network.enhancers(
+        encoded,
+        batch["attention_mask"],
+        [source["features"] for source in sources],
+        [source["mask"] for source in sources],
+    )  # each modality's enhancer, one slice each
+    masks = [batch["attention_mask"], *(source["mask"].long() for source in sources)]
     first = encoded if text == "encoder_output" else (rows[0] + rows[1]) / 2
     return encoded, torch.cat([first, *prototypes], dim=1), torch.cat(masks, dim=1)
 
@@ -212,8 +210,9 @@ def test_gradients_reach_the_enhancers_and_beam_search_gives_sentences(tiny_t5):
     net = model(tiny_t5).train()
     batch = batch_of(net, tiny_t5)
     net.compute_losses(batch, net(batch))["total"].backward()
-    for name in ("image", "audio"):
-        assert net.network.enhancers[name].project.weight.grad.abs().sum() > 0
+    projection = net.network.enhancers.project
+    for index in range(2):  # each modality's own block of the projection
+        assert projection.weight.grad[:, projection.block(index)].abs().sum() > 0
     net.eval()
     with torch.no_grad():
         tokens = net.head.generate(net.network(batch))
@@ -239,7 +238,7 @@ def test_checkpointed_blocks_recompute_the_same_graph(tiny_t5):
     for m in (net, plain):
         torch.manual_seed(1)
         m.compute_losses(batch, m(batch))["total"].backward()
-    weight = "network.enhancers.image.project.weight"
+    weight = "network.enhancers.project.weight"
     grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
     expected = dict(plain.named_parameters())[weight].grad
     torch.testing.assert_close(grads[weight], expected)

@@ -108,7 +108,7 @@ def test_a_group_as_a_mapping_sets_the_fields_it_names_and_keeps_the_defaults(ti
         enhancer={"heads": 2},
         objective=ObjectiveOptions(tau=0.5),
     )
-    assert model.network.enhancers["image"].attention.num_heads == 2
+    assert model.network.enhancers.attention.num_heads == 2
     assert model.objective.calibration.tau == 0.5 and model.objective.alpha == 1.0
     assert model.optimizer_options == OptimizerOptions()
     # the hyperparameters hold plain data: a checkpoint reads with weights_only=True

@@ -239,7 +239,7 @@ def test_regression_loss_keys_and_prior_classes():
 
 
 def test_stacked_linear_is_m_linear_maps_with_the_default_uniform_init():
-    from macsc.method.heads.base import StackedLinear
+    from macsc.method.stacked import StackedLinear
 
     torch.manual_seed(0)
     layer = StackedLinear(branches=3, in_features=16, out_features=200)
@@ -274,7 +274,7 @@ def test_example_outputs_before_any_update_and_with_repeated_examples():
 
 
 def test_stacked_linear_computes_in_the_input_dtype():
-    from macsc.method.heads.base import StackedLinear
+    from macsc.method.stacked import StackedLinear
 
     layer = StackedLinear(branches=2, in_features=8, out_features=3)  # float32 parameters
     x = torch.randn(2, 4, 8)

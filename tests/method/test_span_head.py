@@ -32,9 +32,9 @@ def head(branches=2, hidden=8):
 
 def test_forward_gives_start_and_end_per_branch():
     text, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
-    enhanced = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
-    prototypes = [torch.randn(2, 4, 8), torch.randn(2, 4, 8)]
-    masks = [torch.ones(2, 4, dtype=torch.bool)] * 2
+    enhanced = torch.randn(2, 2, 5, 8)  # (M', B, l, d)
+    prototypes = torch.randn(2, 2, 4, 8)
+    masks = torch.ones(2, 2, 4, dtype=torch.bool)
     representations = BranchRepresentations(text, mask, enhanced, prototypes, masks, None, "first")
     output = head(3)(representations, {})
     assert output.outputs.shape == (3, 2, 5, 2) and output.features.shape == (3, 2, 8)

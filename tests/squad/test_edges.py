@@ -378,9 +378,9 @@ def test_span_heads_keep_one_prior_entry_and_apply_their_dropout():
     representations = BranchRepresentations(
         text,
         torch.ones(3, 5),
-        [text + 1],
-        [torch.randn(3, 2, 8)],
-        [torch.ones(3, 2)],
+        (text + 1)[None],
+        torch.randn(1, 3, 2, 8),
+        torch.ones(1, 3, 2, dtype=torch.bool),
         None,
         "first",
     )

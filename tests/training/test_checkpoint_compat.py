@@ -1,10 +1,13 @@
 """Checkpoints written before the model was split into network, heads and objective still load,
 and their optimizer state still pairs with the same parameters."""
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from macsc.errors import CheckpointError
 from macsc.training.checkpoints import upgrade_state_dict
 from macsc.training.module import MaCSC
 from macsc.training.optim import OptimizerOptions, build_optimizer
@@ -46,17 +49,24 @@ def test_every_legacy_key_maps_onto_todays_model_with_its_shape(tiny_backbone):
         assert value.shape == state[key].shape, key
 
 
+def legacy_value(model: MaCSC, key: str) -> torch.Tensor:
+    """What macsc 0.1 held under ``key`` for ``model``'s weights: its enhancers were one
+    module per modality (``enhancers.<m>.<name>``), the rest is renamed."""
+    if key.startswith("enhancers."):
+        modality, _, name = key[len("enhancers.") :].partition(".")
+        return model.network.enhancers.parameters_of(modality)[name]
+    (today,) = upgrade_state_dict({key: None})
+    return model.state_dict()[today]
+
+
 def test_a_legacy_state_dict_loads_with_its_values(tiny_backbone):
     source = today_model(tiny_backbone)
     with torch.no_grad():
         for parameter in source.parameters():
             parameter.uniform_(-1, 1)
     state = source.state_dict()
-    legacy_keys = [key for key, _ in legacy_layout()]
     # the same values under macsc 0.1's names (the names come from that version's output)
-    upgraded = upgrade_state_dict(dict.fromkeys(legacy_keys))
-    inverse = dict(zip(upgraded, legacy_keys, strict=True))
-    old_state = {inverse[key]: value for key, value in state.items()}
+    old_state = {key: legacy_value(source, key).clone() for key, _ in legacy_layout()}
     target = today_model(tiny_backbone)
     target.load_state_dict(old_state)
     for key, value in target.state_dict().items():
@@ -69,8 +79,82 @@ def test_optimizer_groups_keep_their_legacy_order_so_saved_states_pair_up(tiny_b
     which does not matter because rho and Z form a group of their own)."""
     model = today_model(tiny_backbone)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    legacy = list(upgrade_state_dict(dict.fromkeys(key for key, _ in legacy_layout())))
+    legacy = list(upgrade_state_dict({key: torch.zeros(shape) for key, shape in legacy_layout()}))
     optimizer = build_optimizer(model, OptimizerOptions())
     for group in optimizer.param_groups:
         members = [names[id(parameter)] for parameter in group["params"]]
         assert members == [key for key in legacy if key in set(members)]
+
+
+# ------------------------------------------------ enhancers of one module per modality (2026-12)
+PER_MODALITY = Path(__file__).parents[1] / "data" / "legacy" / "enhancers_per_modality.safetensors"
+
+
+def per_modality_data() -> tuple[dict, dict]:
+    """What ``tests/data/legacy/make_enhancers_per_modality.py`` wrote with main before the
+    enhancers were stacked: the settings, and the tensors (flat keys)."""
+    from safetensors import safe_open
+
+    with safe_open(PER_MODALITY, "pt") as handle:
+        settings = json.loads(handle.metadata()["settings"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return settings, tensors
+
+
+@pytest.mark.parametrize("variant", ["separate", "shared_feed_forward", "no_enhancement"])
+def test_a_state_dict_of_per_modality_enhancers_loads_and_computes_what_it_did(
+    tiny_backbone, variant
+):
+    """The weights of one enhancer module per modality, as main wrote them (d0eeeae), load into
+    the stacked enhancers, each modality's as its own slice, and the model computes on a fixed
+    batch what that version computed."""
+    settings, tensors = per_modality_data()
+    prefix = f"{variant}/state/"
+    old = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    assert "network.enhancers.audio.project.weight" in old  # the old layout, one module each
+    batch = {}
+    for key, value in tensors.items():
+        if key.startswith("batch/prototypes/"):
+            _, _, name, field = key.split("/")
+            batch.setdefault("prototypes", {}).setdefault(name, {})[field] = value
+        elif key.startswith("batch/"):
+            batch[key[len("batch/") :]] = value
+    model = MaCSC(
+        backbone=tiny_backbone,
+        modalities=["text", "image", "audio", "video"],
+        prototypes=settings["prototypes"],
+        task={"kind": "classification", "num_labels": 3},
+        enhancer=settings["variants"][variant],
+        objective={"proj_dim": 8},
+    )
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("network.backbone.")}
+    model.load_state_dict({**backbone, **old})
+    enhancers = model.network.enhancers
+    assert "network.enhancers.audio.project.weight" not in model.state_dict()
+    for name in ("image", "audio", "video"):
+        mine = enhancers.parameters_of(name)
+        theirs = {
+            key.removeprefix(f"network.enhancers.{name}."): value
+            for key, value in old.items()
+            if key.startswith(f"network.enhancers.{name}.")
+        }
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(mine[key], value), (name, key)
+    model.eval()
+    with torch.no_grad():
+        forward = model(batch)
+        loss = model.compute_losses(batch, forward)["total"]
+    torch.testing.assert_close(forward.outputs, tensors[f"{variant}/outputs"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        forward.features, tensors[f"{variant}/features"], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(loss, tensors[f"{variant}/loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_separate_blocks_do_not_load_into_a_shared_enhancer_silently(tiny_backbone):
+    _, tensors = per_modality_data()
+    prefix = "separate/state/"
+    old = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    with pytest.raises(CheckpointError, match=r"model.enhancer.shared: false"):
+        upgrade_state_dict(old, ["image", "audio", "video"], shared=True)

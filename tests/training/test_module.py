@@ -78,8 +78,9 @@ def test_forward_backward_every_modality_set_and_kind(tiny_backbone, modalities,
         assert losses["pairs"].shape == (M * (M - 1),)
         # with two modalities each row of pi_z has a single entry, fixed at one
         assert (model.objective.calibration.z.grad.abs().sum() > 0) == (M > 2)
-        for enhancer in model.network.enhancers.values():
-            assert enhancer.project.weight.grad.abs().sum() > 0
+        projection = model.network.enhancers.project
+        for index in range(M - 1):  # each modality's own block of the projection
+            assert projection.weight.grad[:, projection.block(index)].abs().sum() > 0
     else:
         assert "msb" not in losses
 
@@ -106,7 +107,7 @@ def test_enhancement_false_skips_attention(tiny_backbone):
         task=CLASSIFICATION,
         enhancer={"enabled": False},
     )
-    assert not hasattr(model.network.enhancers["image"], "attention")
+    assert not hasattr(model.network.enhancers, "attention")
     model.eval()
     batch = make_batch(model, tiny_backbone, torch.tensor([0, 1, 2, 0, 1, 1]))
     with torch.no_grad():
@@ -117,10 +118,9 @@ def test_enhancement_false_skips_attention(tiny_backbone):
     # the text branch reads H^t unchanged; the image branch is the masked mean of P_m
     assert torch.allclose(pooled[0], text_only[:, 0], atol=1e-6)
     features = batch["prototypes"]["image"]["features"]
-    projected = (
-        model.network.enhancers["image"].project(features)
-        + model.network.enhancers["image"].type_embedding
-    )
+    image = model.network.enhancers.parameters_of("image")
+    projected = features @ image["project.weight"].T + image["project.bias"]
+    projected = projected + image["type_embedding"]
     assert torch.allclose(pooled[1], projected.mean(1), atol=1e-5)
 
 
@@ -139,15 +139,14 @@ def test_text_branch_is_mean_of_enhanced_text(tiny_backbone):
             attention_mask=batch["attention_mask"],
             token_type_ids=batch["token_type_ids"],
         ).last_hidden_state
-        enhanced = []
-        for name in ("image", "audio"):
-            p = batch["prototypes"][name]
-            enhanced.append(
-                model.network.enhancers[name](
-                    text, batch["attention_mask"], p["features"], p["mask"]
-                )[0]
-            )
-        expected = torch.stack(enhanced).mean(0)[:, 0]
+        sources = [batch["prototypes"][name] for name in ("image", "audio")]
+        enhanced = model.network.enhancers(
+            text,
+            batch["attention_mask"],
+            [p["features"] for p in sources],
+            [p["mask"] for p in sources],
+        )[0]  # Ĥ^t_m of each modality: (M', B, l, d)
+        expected = enhanced.mean(0)[:, 0]
         assert torch.allclose(model(batch).features[0], expected, atol=1e-5)
 
 

@@ -7,9 +7,12 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from transformers import AutoTokenizer
 
-from macsc.method.fusion import ConceptEnhancer, few_query_attention, select_rows, sentence_pool
+from macsc.method.attention import few_query_attention
+from macsc.method.fusion import select_rows, sentence_pool
 from macsc.training.heatmaps import ModalityWeightHeatmaps
 from macsc.training.module import MaCSC
+from tests.method.test_enhancement_eq2 import enhancer_of_one, run_one
+from tests.method.test_enhancer_modes import few_query_of_one, stacked_copy
 
 GAUSSIAN = {
     "image": {"kind": "gaussian", "dim": 24, "k": 4},
@@ -27,16 +30,21 @@ def test_few_query_attention_is_the_modules_attention():
     padding = torch.zeros(3, 9, dtype=torch.bool)
     padding[0, 6:] = True
     padding[2, 2:5] = True
+    stacked = stacked_copy(attention)
     results = []
-    for run in (
-        lambda: attention(query, context, context, key_padding_mask=padding)[0],
-        lambda: few_query_attention(attention, query, context, padding),
+    for run, module in (
+        (lambda: attention(query, context, context, key_padding_mask=padding)[0], attention),
+        (
+            lambda: few_query_attention(stacked, query[None], context[None], padding[None])[0],
+            stacked,
+        ),
     ):
-        attention.zero_grad()
+        module.zero_grad()
         query.grad = context.grad = None
         out = run()
         out.pow(2).sum().backward()
-        grads = [query.grad, context.grad, *(p.grad for p in attention.parameters())]
+        weights = [p.grad if module is attention else p.grad[0] for p in module.parameters()]
+        grads = [query.grad, context.grad, *weights]
         results.append([out.detach(), *(g.clone() for g in grads)])
     for fast, plain in zip(*results, strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
@@ -47,19 +55,19 @@ def test_few_query_attention_applies_the_attention_dropout():
     attention = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True).train()
     query, context = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
     padding = torch.zeros(2, 7, dtype=torch.bool)
-    first = few_query_attention(attention, query, context, padding)
-    second = few_query_attention(attention, query, context, padding)
+    first = few_query_of_one(attention, query, context, padding)
+    second = few_query_of_one(attention, query, context, padding)
     assert not torch.allclose(first, second)
     attention.eval()
     expected = attention(query, context, context, key_padding_mask=padding)[0]
-    torch.testing.assert_close(few_query_attention(attention, query, context, padding), expected)
+    torch.testing.assert_close(few_query_of_one(attention, query, context, padding), expected)
 
 
 @pytest.mark.parametrize("feed_forward", [False, True])
 @pytest.mark.parametrize("enhancement", [True, False])
 def test_enhancer_rows_are_rows_of_the_full_result(feed_forward, enhancement):
     torch.manual_seed(0)
-    enhancer = ConceptEnhancer(
+    enhancer = enhancer_of_one(
         32, 24, num_heads=4, feed_forward=feed_forward, enhancement=enhancement
     ).eval()
     text = torch.randn(4, 10, 32)
@@ -68,8 +76,10 @@ def test_enhancer_rows_are_rows_of_the_full_result(feed_forward, enhancement):
     prototypes, prototype_mask = torch.randn(4, 5, 24), torch.ones(4, 5, dtype=torch.bool)
     prototype_mask[2, 3:] = False
     rows = torch.tensor([[0, 5], [5, 0], [9, 1], [3, 3]])
-    full_text, full_prototypes = enhancer(text, mask, prototypes, prototype_mask)
-    some_text, some_prototypes = enhancer(text, mask, prototypes, prototype_mask, text_rows=rows)
+    full_text, full_prototypes = run_one(enhancer, text, mask, prototypes, prototype_mask)
+    some_text, some_prototypes = run_one(
+        enhancer, text, mask, prototypes, prototype_mask, text_rows=rows
+    )
     assert some_text.shape == (4, 2, 32)
     torch.testing.assert_close(some_text, select_rows(full_text, rows), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(some_prototypes, full_prototypes, rtol=1e-5, atol=1e-5)
@@ -105,16 +115,11 @@ def test_pooled_text_branch_matches_the_full_computation(tiny_backbone, pooling)
             attention_mask=mask,
             token_type_ids=batch["token_type_ids"],
         ).last_hidden_state
-        enhanced = [
-            model.network.enhancers[name](
-                text,
-                mask,
-                batch["prototypes"][name]["features"],
-                batch["prototypes"][name]["mask"],
-            )[0]
-            for name in ("image", "audio")
-        ]
-        expected = sentence_pool(torch.stack(enhanced).mean(0), mask, pooling)
+        sources = [batch["prototypes"][name] for name in ("image", "audio")]
+        enhanced = model.network.enhancers(
+            text, mask, [s["features"] for s in sources], [s["mask"] for s in sources]
+        )[0]  # every row of Ĥ^t_m: (M', B, l, d)
+        expected = sentence_pool(enhanced.mean(0), mask, pooling)
         torch.testing.assert_close(model(batch).features[0], expected, rtol=1e-5, atol=1e-5)
 
 

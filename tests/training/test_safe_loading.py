@@ -97,8 +97,12 @@ def test_checkpoint_of_another_architecture_names_the_keys(
         MaCSC.load_from_checkpoint(checkpoint, modalities=["text", "image"])
     message = str(error.value)
     assert message.startswith("the checkpoint does not fit this model")
-    assert "unexpected keys ['network.enhancers.audio." in message
-    assert "rho_logits (4,) (expected (2,))" in message
+    # one enhancer per modality, stacked: three in the checkpoint, one in this model; one head
+    # per branch: four and two
+    assert "'network.enhancers.attention.in_proj_weight (3, 96, 32) (expected (1, 96, 32))'" in (
+        message
+    )
+    assert "'head.linear.weight (4, 2, 32) (expected (2, 2, 32))'" in message
     # another backbone width
     with pytest.raises(CheckpointError, match=r"wrong shapes \[.*'network\.backbone\.") as error:
         MaCSC.load_from_checkpoint(checkpoint, backbone=wider)

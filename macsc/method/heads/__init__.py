@@ -8,7 +8,6 @@ from macsc.method.heads.base import (
     EvaluationContext,
     EvaluationResult,
     HeadOutput,
-    StackedLinear,
     TaskHead,
     build_task_head,
     head_class,
@@ -26,6 +25,7 @@ from macsc.method.heads.span import (
     score_spans,
     span_logits,
 )
+from macsc.method.stacked import StackedLinear
 
 __all__ = [
     "ClassificationHead",

@@ -7,34 +7,16 @@ never branches on the kind, so a new kind is a head class, a data module and a c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from macsc.errors import ConfigError
 from macsc.method.network import BranchRepresentations
 from macsc.task import TaskSpec
-
-
-class StackedLinear(nn.Module):
-    """``M`` independent linear maps applied at once: ``(M, ..., d)`` -> ``(M, ..., out)``."""
-
-    def __init__(self, branches: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = nn.Parameter(
-            torch.empty(branches, out_features, in_features).uniform_(-bound, bound)
-        )
-        self.bias = nn.Parameter(torch.empty(branches, out_features).uniform_(-bound, bound))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.einsum("m...d,mod->m...o", x, self.weight.to(x.dtype))
-        return out + self.bias.to(x.dtype).view(self.bias.shape[0], *([1] * (x.dim() - 2)), -1)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from macsc.method.heads.base import (
     EvaluationContext,
     EvaluationResult,
     HeadOutput,
-    StackedLinear,
     TaskHead,
     register_head,
 )
@@ -23,6 +22,7 @@ from macsc.method.losses import (
     weighted_regression_loss,
 )
 from macsc.method.network import BranchRepresentations
+from macsc.method.stacked import StackedLinear, as_dtype
 from macsc.task import TaskSpec
 
 
@@ -38,8 +38,7 @@ class PooledHead(TaskHead):
         self.linear = StackedLinear(num_branches, hidden_size, self.out_features)
 
     def forward(self, representations: BranchRepresentations, batch: dict) -> HeadOutput:
-        text = representations.sentence(representations.text_branch)
-        pooled = torch.stack([text, *representations.pooled_prototypes()])  # (M, B, d)
+        pooled = representations.pooled()  # (M, B, d)
         return HeadOutput(self.linear(self.dropout(pooled)), pooled)
 
     def make_metrics(self, branches: list[str]) -> nn.Module:
@@ -127,10 +126,10 @@ class ClassificationHead(PooledHead):
         return weighted_aggregation_loss(outputs.float(), rho_logits, batch["labels"])
 
     def allocation_distributions(self, outputs, prior, alpha, batch):
-        return debiased_distribution(outputs.detach().float(), prior, alpha)
+        return debiased_distribution(as_dtype(outputs.detach(), torch.float32), prior, alpha)
 
     def positive_keys(self, batch):
-        return batch["labels"].long()
+        return as_dtype(batch["labels"], torch.long)
 
     def has_targets(self, batch):
         # GLUE test splits carry -1 for "no label"; one host sync per evaluation batch

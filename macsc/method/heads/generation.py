@@ -56,9 +56,13 @@ def decoder_memory(
     if form not in DECODER_MEMORIES:
         raise ValueError(f"decoder_memory must be one of {DECODER_MEMORIES}; got {form!r}")
     text = representations.text if form == ENCODER_OUTPUT else representations.text_branch
-    states = torch.cat([text, *representations.prototypes], dim=1)  # (B, l + Σ n_m, d)
-    masks = [representations.mask.bool(), *(m.bool() for m in representations.prototype_masks)]
-    return states, torch.cat(masks, dim=1).long()
+    mask = representations.mask.bool()
+    if representations.prototypes is None:
+        return text, mask.long()
+    prototypes = representations.prototypes.transpose(0, 1).flatten(1, 2)  # (B, Σ n_m, d)
+    states = torch.cat([text, prototypes], dim=1)  # (B, l + Σ n_m, d)
+    masks = representations.prototype_masks.transpose(0, 1).flatten(1, 2)  # (B, Σ n_m)
+    return states, torch.cat([mask, masks], dim=1).long()
 
 
 @register_head("generation")

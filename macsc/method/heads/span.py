@@ -17,12 +17,12 @@ from macsc.method.heads.base import (
     EvaluationContext,
     EvaluationResult,
     HeadOutput,
-    StackedLinear,
     TaskHead,
     register_head,
 )
 from macsc.method.losses import weighted_aggregation_loss
 from macsc.method.network import BranchRepresentations
+from macsc.method.stacked import StackedLinear
 from macsc.task import TaskSpec
 
 
@@ -214,9 +214,9 @@ class SpanHead(TaskHead):
         self.linear = StackedLinear(num_branches, hidden_size, 2)
 
     def forward(self, representations: BranchRepresentations, batch: dict) -> HeadOutput:
-        tokens = torch.stack([representations.text, *representations.enhanced_text])
+        tokens = representations.token_branches()  # (M, B, l, d)
         # each branch's contrastive feature pools the very tokens its span head reads
-        pooled = torch.stack([representations.sentence(states) for states in tokens])
+        pooled = representations.sentence(tokens)  # (M, B, d)
         return HeadOutput(self.linear(self.dropout(tokens)), pooled)  # (M, B, l, 2)
 
     def aggregation_loss(self, outputs, rho_logits, batch):
