@@ -140,20 +140,30 @@ COLLECTIVE_CALLERS = (
     os.path.join("torch", "distributed", ""),
     os.path.join("torch", "nn", "parallel", "distributed.py"),
 )
+#: autograd's engine: DDP's gradient all-reduce runs inside ``backward()`` in C++, so a rank that
+#: dies then fails the others with no Python frame of ``torch.distributed`` in the traceback
+AUTOGRAD_ENGINE = os.path.join("torch", "autograd", "")
+#: what a collective backend's own error names (gloo: ``.../third_party/gloo/gloo/transport/...``)
+BACKEND_MARKERS = ("gloo", "NCCL", "ProcessGroup")
 
 
 def _raised_by_torch_distributed(exception: BaseException) -> bool:
     """Whether the exception comes from a ``torch.distributed`` collective (gloo and NCCL
-    raise plain RuntimeErrors): the innermost Python frame is one of :data:`COLLECTIVE_CALLERS`.
-    A rank that dies while another is in DDP's buffer broadcast fails there, not in
-    ``torch/distributed``."""
+    raise plain RuntimeErrors): the innermost Python frame is one of :data:`COLLECTIVE_CALLERS`,
+    or autograd's engine with the backend named in the message (DDP's gradient all-reduce in
+    ``backward()``). A rank that dies while another is in DDP's buffer broadcast fails in
+    ``torch/nn/parallel``, not in ``torch/distributed``."""
     if isinstance(exception, getattr(torch.distributed, "DistError", ())):
         return True
+    if not isinstance(exception, RuntimeError):
+        return False
     traceback, innermost = exception.__traceback__, None
     while traceback is not None:
         innermost, traceback = traceback.tb_frame, traceback.tb_next
     where = innermost.f_code.co_filename if innermost is not None else ""
-    return isinstance(exception, RuntimeError) and any(c in where for c in COLLECTIVE_CALLERS)
+    if any(caller in where for caller in COLLECTIVE_CALLERS):
+        return True
+    return AUTOGRAD_ENGINE in where and any(marker in str(exception) for marker in BACKEND_MARKERS)
 
 
 def lost_rank_message(exception: BaseException) -> str | None:

@@ -201,9 +201,13 @@ def test_loader_state_resumes_the_length_grouped_order_mid_epoch():
     assert epoch(other, 1) == epochs[1]
 
 
-def _raised_in(filename: str, error: type[BaseException] = RuntimeError) -> BaseException:
+def _raised_in(
+    filename: str,
+    error: type[BaseException] = RuntimeError,
+    message: str = "Connection reset by peer",
+) -> BaseException:
     """An exception whose innermost frame is in ``filename`` (as gloo's errors surface)."""
-    code = compile(f"raise {error.__name__}('Connection reset by peer')", filename, "exec")
+    code = compile(f"raise {error.__name__}({message!r})", filename, "exec")
     try:
         exec(code, {error.__name__: error})
     except BaseException as raised:  # noqa: BLE001 - the point is to catch it
@@ -211,17 +215,36 @@ def _raised_in(filename: str, error: type[BaseException] = RuntimeError) -> Base
     raise AssertionError("nothing raised")
 
 
+GLOO_RESET = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+    "[127.0.0.1]:57005: Connection reset by peer. This is typically caused by a remote worker "
+    "hanging or bugs in the application."
+)
+ENGINE = "/site-packages/torch/autograd/graph.py"
+
+
 @pytest.mark.parametrize(
-    ("filename", "error", "collective"),
+    ("filename", "error", "message", "collective"),
     [
-        ("/site-packages/torch/distributed/distributed_c10d.py", RuntimeError, True),
+        ("/site-packages/torch/distributed/distributed_c10d.py", RuntimeError, GLOO_RESET, True),
         # a rank that dies while another is in DDP's buffer broadcast before its forward
-        ("/site-packages/torch/nn/parallel/distributed.py", RuntimeError, True),
-        ("/site-packages/torch/nn/modules/module.py", RuntimeError, False),
-        ("/site-packages/torch/distributed/distributed_c10d.py", ValueError, False),
+        ("/site-packages/torch/nn/parallel/distributed.py", RuntimeError, GLOO_RESET, True),
+        # ... or in DDP's gradient all-reduce, which runs in autograd's C++ engine
+        (ENGINE, RuntimeError, GLOO_RESET, True),
+        (
+            ENGINE,
+            RuntimeError,
+            "NCCL error in: ProcessGroupNCCL.cpp:1935, remote process exited",
+            True,
+        ),
+        (ENGINE, RuntimeError, "one of the variables needed for gradient computation", False),
+        ("/site-packages/torch/nn/modules/module.py", RuntimeError, GLOO_RESET, False),
+        ("/site-packages/torch/distributed/distributed_c10d.py", ValueError, GLOO_RESET, False),
     ],
 )
-def test_a_collective_failure_is_recognised_wherever_ddp_calls_it(filename, error, collective):
+def test_a_collective_failure_is_recognised_wherever_ddp_calls_it(
+    filename, error, message, collective
+):
     from macsc.training.resume import _raised_by_torch_distributed
 
-    assert _raised_by_torch_distributed(_raised_in(filename, error)) is collective
+    assert _raised_by_torch_distributed(_raised_in(filename, error, message)) is collective
