@@ -114,18 +114,23 @@ class FewQueryAttention(torch.autograd.Function):
             out = torch.einsum("mbrd,mod->mbro", values, out_weight)
             out = out.add_(out_bias.view(blocks, 1, 1, width))  # (M, B, R, d)
         ctx.heads = heads
-        ctx.save_for_backward(
-            query, context, weight, bias, out_weight, q, q_keys, probabilities, keep, weights,
-            mixed, mass, values,
-        )  # fmt: skip
+        ctx.save_for_backward(query, weight, bias, out_weight)
+        # the intermediates are held on ctx, not saved with save_for_backward, so that the
+        # backward can drop each one once used: it runs while the backbone's activations are
+        # all alive, and what it holds adds to the step's peak memory (autograd's backward of
+        # the same chain freed them node by node)
+        ctx.intermediates = {
+            "context": context, "q": q, "q_keys": q_keys, "probabilities": probabilities, "keep": keep,
+            "weights": weights, "mixed": mixed, "mass": mass, "values": values,
+        }  # fmt: skip
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (
-            query, context, weight, bias, out_weight, q, q_keys, probabilities, keep, weights,
-            mixed, mass, values,
-        ) = ctx.saved_tensors  # fmt: skip
+        query, weight, bias, out_weight = ctx.saved_tensors
+        held = _intermediates(ctx)
+        # eager: each intermediate dropped once used (a compiled backward plans its own memory)
+        take = held.__getitem__ if torch.compiler.is_compiling() else held.pop
         models, batch, rows, width = query.shape
         blocks, heads = weight.shape[0], ctx.heads
         head_dim = width // heads
@@ -134,31 +139,38 @@ class FewQueryAttention(torch.autograd.Function):
             w_q, w_k, w_v = weight.view(blocks, 3, heads, head_dim, width).unbind(1)
             b_v = bias.view(blocks, 3, heads, head_dim)[:, 2]  # (A, H, e)
             # out = values W_o^T + b_o
-            g_out_weight = _summed_to(torch.einsum("mbro,mbrd->mod", grad, values), blocks)
+            g_out_weight = _summed_to(torch.einsum("mbro,mbrd->mod", grad, take("values")), blocks)
             g_out_bias = _summed_to(grad.sum((1, 2)), blocks)
             g_values = torch.einsum("mbro,mod->mbrd", grad, out_weight)
             g_values = g_values.reshape(models, batch, rows, heads, head_dim)
             # values = W_v^h mixed_h + b_v^h mass_h
-            g_w_v = _summed_to(torch.einsum("mbrhe,mbhrd->mhed", g_values, mixed), blocks)
-            g_b_v = _summed_to(torch.einsum("mbrhe,mbrh->mhe", g_values, mass), blocks)
+            g_w_v = _summed_to(torch.einsum("mbrhe,mbhrd->mhed", g_values, take("mixed")), blocks)
+            g_b_v = _summed_to(torch.einsum("mbrhe,mbrh->mhe", g_values, take("mass")), blocks)
             g_mixed = torch.einsum("mbrhe,mhed->mbhrd", g_values, w_v)  # (M, B, H, R, d)
             # mixed = Σ_j a_j c_j, mass = Σ_j a_j
+            context = take("context")
             g_weights = torch.einsum("mbhrd,mbld->mbhrl", g_mixed, context)
             g_weights += torch.einsum("mbrhe,mhe->mbhr", g_values, b_v).unsqueeze(-1)
-            g_context = torch.einsum("mbhrl,mbhrd->mbld", weights, g_mixed)  # (M, B, L, d)
+            g_context = torch.einsum("mbhrl,mbhrd->mbld", take("weights"), g_mixed)  # (M, B, L, d)
+            del g_mixed  # each large gradient freed once used: the backbone's activations are
+            # all alive while this runs, so what it holds adds to the step's peak
             # a = dropout(softmax(scores))
+            probabilities, keep = take("probabilities"), take("keep")
             g_probabilities = as_dtype(g_weights, probabilities.dtype)
             if keep is not None:
-                g_probabilities = g_probabilities * keep
+                g_probabilities = g_probabilities.mul_(keep)
+            del g_weights, keep
             g_scores = torch._softmax_backward_data(
                 g_probabilities, probabilities, -1, probabilities.dtype
             )
+            del g_probabilities, probabilities
             g_scores = as_dtype(g_scores, query.dtype)  # (M, B, H, R, L); 0 where padded
             # scores = q_keys . c
             g_q_keys = torch.einsum("mbhrl,mbld->mbhrd", g_scores, context)
-            g_context += torch.einsum("mbhrl,mbhrd->mbld", g_scores, q_keys)
+            g_context += torch.einsum("mbhrl,mbhrd->mbld", g_scores, take("q_keys"))
+            del g_scores, context
             # q_keys = W_k^h' q_h, q = (W_q query + b_q) / sqrt(e)
-            g_w_k = _summed_to(torch.einsum("mbrhe,mbhrd->mhed", q, g_q_keys), blocks)
+            g_w_k = _summed_to(torch.einsum("mbrhe,mbhrd->mhed", take("q"), g_q_keys), blocks)
             g_q = torch.einsum("mbhrd,mhed->mbrhe", g_q_keys, w_k).mul_(head_dim**-0.5)
             g_b_q = _summed_to(g_q.sum((1, 2)), blocks)
             g_w_q = _summed_to(torch.einsum("mbrhe,mbrd->mhed", g_q, query), blocks)
@@ -167,6 +179,20 @@ class FewQueryAttention(torch.autograd.Function):
             g_weight = torch.stack([g_w_q, g_w_k, g_w_v], 1).view(weight.shape)
             g_bias = torch.stack([g_b_q, torch.zeros_like(g_b_q), g_b_v], 1).view(bias.shape)
         return g_query, g_context, None, g_weight, g_bias, g_out_weight, g_out_bias, None, None
+
+
+def _intermediates(ctx) -> dict[str, Tensor | None]:
+    """What :class:`FewQueryAttention`'s forward held on ``ctx`` for the backward, taken off it
+    (in eager mode) so that the backward frees each one once used."""
+    if torch.compiler.is_compiling():
+        return ctx.intermediates
+    held, ctx.intermediates = ctx.intermediates, None
+    if held is None:
+        raise RuntimeError(
+            "the enhancers' few-query attention frees its intermediates in its backward: a "
+            "second backward through the same forward (retain_graph=True) is not supported"
+        )
+    return held
 
 
 def _softmax_dtype(tensor: Tensor) -> torch.dtype:

@@ -72,6 +72,42 @@ def test_few_query_attention_in_training_mode_is_eq2_with_its_dropout(dropout):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_few_query_attention_gradients_in_training_mode_are_eq2s(dropout):
+    """The hand-written backward (intermediates freed as used) against autograd's backward of
+    Eq. 2, with the same dropout mask: inputs and every weight."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True).double()
+    torch.nn.init.normal_(attention.in_proj_bias)
+    attention.train()
+    stacked = stacked_copy(attention)
+    query = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    torch.manual_seed(7)
+    got = few_query_attention(stacked, query[None], context[None], padding[None])[0]
+    upstream = torch.randn_like(got)
+    mine = [stacked.in_proj_weight, stacked.in_proj_bias, *stacked.out_proj.parameters()]
+    got_grads = torch.autograd.grad((got * upstream).sum(), [query, context, *mine])
+    want = attention_by_hand(attention, query, context, padding, generator_seed=7)
+    theirs = [attention.in_proj_weight, attention.in_proj_bias, *attention.out_proj.parameters()]
+    want_grads = torch.autograd.grad((want * upstream).sum(), [query, context, *theirs])
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(
+            got_grad.reshape(want_grad.shape), want_grad, rtol=1e-10, atol=1e-10
+        )
+
+
+def test_a_second_backward_through_the_few_query_attention_is_one_clear_error():
+    attention = stacked_copy(torch.nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True))
+    query = torch.randn(1, 2, 3, 8, requires_grad=True)
+    context = torch.randn(1, 2, 6, 8)
+    out = few_query_attention(attention, query, context, torch.zeros(1, 2, 6, dtype=torch.bool))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"frees its intermediates .* \(retain_graph=True\)"):
+        out.sum().backward()
+
+
 def test_the_feed_forward_block_follows_the_attention():
     torch.manual_seed(1)
     module = enhancer_of_one(16, 6, num_heads=4, dropout=0.0, feed_forward=True).double().eval()
