@@ -153,3 +153,22 @@ def test_select_rows_and_masked_mean_by_hand():
     assert torch.equal(got[1], torch.zeros(3, dtype=torch.float64))  # no real row: zeros
     one = masked_mean(states, torch.tensor([[False, True, False, False]] * 2))
     torch.testing.assert_close(one, states[:, 1])
+
+
+def test_under_bf16_autocast_the_few_query_attention_runs_in_bf16_with_float32_gradients():
+    """What a GPU step runs: the inputs and weights cast once to autocast's dtype, the result in
+    that dtype, close to the float32 computation; the weights' gradients in their own float32."""
+    torch.manual_seed(0)
+    stacked = stacked_copy(torch.nn.MultiheadAttention(16, 2, batch_first=True).eval())
+    query = torch.randn(1, 2, 3, 16, requires_grad=True)
+    context = torch.randn(1, 2, 7, 16, requires_grad=True)
+    padding = torch.tensor([[[False] * 7, [False] * 5 + [True] * 2]])
+    want = few_query_attention(stacked, query, context, padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = few_query_attention(stacked, query, context, padding)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.03, atol=0.03)
+    got.float().square().sum().backward()
+    for tensor in (query, context, stacked.in_proj_weight, stacked.out_proj.weight):
+        assert tensor.grad.dtype == torch.float32 and torch.isfinite(tensor.grad).all()
+    assert stacked.in_proj_weight.grad.abs().sum() > 0
