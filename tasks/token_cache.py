@@ -43,12 +43,11 @@ import numpy as np
 from macsc.errors import ConfigError
 from macsc.prototypes.cache_files import (
     HEADER_BYTES,
-    SAMPLE_BLOCK_BYTES,
-    SAMPLE_BLOCKS,
-    checksum,
     locked,
+    read_header,
     remove_stale_temporaries,
-    sample_block_ranges,
+    sample_problem,
+    seal,
 )
 
 FORMAT_VERSION = 1
@@ -245,33 +244,8 @@ def _write(path: Path, key: str, described: dict[str, Any], columns: Columns) ->
             for part, array in zip(parts, arrays, strict=True):
                 handle.seek(part["offset"])
                 handle.write(np.ascontiguousarray(array).tobytes())
-        seed = int(key[:16], 16)
-        header = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "identity": described,
-            **layout,
-            "checksum": checksum(temporary, [(HEADER_BYTES, layout["size"] - HEADER_BYTES)]),
-            "sample": {
-                "seed": seed,
-                "blocks": SAMPLE_BLOCKS,
-                "block_bytes": SAMPLE_BLOCK_BYTES,
-                "checksum": checksum(temporary, sample_block_ranges(layout["size"], seed)),
-            },
-        }
-        encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
-        if len(encoded) > HEADER_BYTES:  # the identity is there for people only; the key decides
-            header["identity"] = "(too long to store)"
-            encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
-        if len(encoded) > HEADER_BYTES:
-            raise ValueError(
-                f"the token cache header of {sorted(columns)} is over {HEADER_BYTES} bytes"
-            )
-        with open(temporary, "r+b") as handle:
-            handle.write(encoded.ljust(HEADER_BYTES, b" "))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        header = {"format": FORMAT_VERSION, "key": key, "identity": described, **layout}
+        seal(temporary, path, _MAGIC, header)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -299,12 +273,7 @@ def _problem(path: Path, key: str, header: dict[str, Any]) -> str | None:
     actual = path.stat().st_size
     if actual != size:
         return f"it has {actual} bytes, expected {size} (truncated or partial)"
-    sample = header.get("sample")
-    if not isinstance(sample, dict) or not isinstance(sample.get("seed"), int):
-        return "its header has no valid sample description"
-    if checksum(path, sample_block_ranges(size, sample["seed"])) != sample.get("checksum"):
-        return "its data does not match the checksum of its sampled blocks (corrupt)"
-    return None
+    return sample_problem(path, header)
 
 
 def _open(path: Path, key: str) -> Columns | str:
@@ -312,16 +281,10 @@ def _open(path: Path, key: str) -> Columns | str:
     if not path.is_file():
         return "missing"
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(HEADER_BYTES)
-        if not raw.startswith(_MAGIC):
-            return "it does not start with the token-cache magic line"
-        header = json.loads(raw[len(_MAGIC) :].decode().strip())
-        if not isinstance(header, dict):
-            return "its header is not a JSON object"
+        header = read_header(path, _MAGIC, "token-cache")
         problem = _problem(path, key, header)
     except (OSError, ValueError) as error:
-        return f"its header cannot be read ({error})"
+        return str(error)
     if problem is not None:
         return problem
     columns: Columns = {}

@@ -149,46 +149,74 @@ def write_entry(
         features, mask = _mapped(temporary, layout, "r+")
         fill(features, mask)
         del features, mask  # unmapped; the fsync below writes the pages out
-        seed = int(key[:16], 16)
-        header = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "identity": identity,
-            "texts": shape[0],
-            **layout,
-            "checksum": checksum(temporary, _data_range(layout)),
-            "sample": {
-                "seed": seed,
-                "blocks": SAMPLE_BLOCKS,
-                "block_bytes": SAMPLE_BLOCK_BYTES,
-                "checksum": checksum(temporary, sample_block_ranges(layout["size"], seed)),
-            },
-        }
-        encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
-        if len(encoded) > HEADER_BYTES:  # the identity is there for people only; the key decides
-            header["identity"] = "(too long to store)"
-            encoded = _MAGIC + json.dumps(header, sort_keys=True, default=str).encode()
-        with open(temporary, "r+b") as handle:
-            handle.write(encoded.ljust(HEADER_BYTES, b" "))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        header = {"format": FORMAT_VERSION, "key": key, "identity": identity, "texts": shape[0]}
+        seal(temporary, path, _MAGIC, {**header, **layout})
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def seal(
+    temporary: Path,
+    path: Path,
+    magic: bytes,
+    header: dict[str, Any],
+) -> None:
+    """Publish a cache file written to ``temporary``: its header (``header``, which holds
+    ``key``, ``identity`` and ``size``, with the full checksum of all after the header and the
+    sampled blocks' checksum added) written after ``magic`` into its first
+    :data:`HEADER_BYTES`, the file synced, then renamed to ``path`` in one atomic step. Shared by
+    the prototype cache and the token cache (:mod:`tasks.token_cache`)."""
+    seed = int(header["key"][:16], 16)
+    header = {
+        **header,
+        "checksum": checksum(temporary, _data_range(header)),
+        "sample": {
+            "seed": seed,
+            "blocks": SAMPLE_BLOCKS,
+            "block_bytes": SAMPLE_BLOCK_BYTES,
+            "checksum": checksum(temporary, sample_block_ranges(header["size"], seed)),
+        },
+    }
+    encoded = magic + json.dumps(header, sort_keys=True, default=str).encode()
+    if len(encoded) > HEADER_BYTES:  # the identity is there for people only; the key decides
+        header["identity"] = "(too long to store)"
+        encoded = magic + json.dumps(header, sort_keys=True, default=str).encode()
+    if len(encoded) > HEADER_BYTES:  # it would overwrite the data that follows
+        raise ValueError(f"the header of {path.name} is over {HEADER_BYTES} bytes")
+    with open(temporary, "r+b") as handle:
+        handle.write(encoded.ljust(HEADER_BYTES, b" "))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_header(path: Path, magic: bytes = _MAGIC, kind: str = "prototype-cache") -> dict[str, Any]:
+    """The JSON header of a cache file that starts with ``magic``; a ValueError saying what is
+    wrong otherwise (``kind`` names the cache in it)."""
     with open(path, "rb") as handle:
         raw = handle.read(HEADER_BYTES)
-    if not raw.startswith(_MAGIC):
-        raise ValueError("it does not start with the prototype-cache magic line")
+    if not raw.startswith(magic):
+        raise ValueError(f"it does not start with the {kind} magic line")
     try:
-        header = json.loads(raw[len(_MAGIC) :].decode().strip())
+        header = json.loads(raw[len(magic) :].decode().strip())
     except ValueError as error:
         raise ValueError(f"its header is not valid JSON ({error})") from error
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
     return header
+
+
+def sample_problem(path: Path, header: dict[str, Any]) -> str | None:
+    """Why the blocks the header samples do not match their checksum (None when they do): the
+    check every open makes, whatever the cache."""
+    sample = header.get("sample")
+    if not isinstance(sample, dict) or not isinstance(sample.get("seed"), int):
+        return "its header has no valid sample description"
+    if checksum(path, sample_block_ranges(header["size"], sample["seed"])) != sample.get(
+        "checksum"
+    ):
+        return "its data does not match the checksum of its sampled blocks (corrupt)"
+    return None
 
 
 def _layout_problem(path: Path, header: dict[str, Any]) -> str | None:
@@ -211,7 +239,7 @@ def sampled_ranges(path: str | os.PathLike) -> list[tuple[int, int]]:
     """``(offset, length)`` in bytes of the blocks of a cache file whose checksum every open
     verifies (module docstring); read from the file's header."""
     path = Path(path)
-    header = _read_header(path)
+    header = read_header(path)
     return sample_block_ranges(header["size"], header["sample"]["seed"])
 
 
@@ -223,7 +251,7 @@ def open_entry(
     if not path.is_file():
         return "missing"
     try:
-        header = _read_header(path)
+        header = read_header(path)
     except (OSError, ValueError) as error:
         return str(error)
     expected = _layout(count, k, dim, dtype)
@@ -238,12 +266,9 @@ def open_entry(
     problem = _layout_problem(path, header)
     if problem is not None:
         return problem
-    sample = header.get("sample")
-    if not isinstance(sample, dict) or not isinstance(sample.get("seed"), int):
-        return "its header has no valid sample description"
-    ranges = sample_block_ranges(expected["size"], sample["seed"])
-    if checksum(path, ranges) != sample.get("checksum"):
-        return "its data does not match the checksum of its sampled blocks (corrupt)"
+    problem = sample_problem(path, header)
+    if problem is not None:
+        return problem
     return _mapped(path, expected, "c")
 
 
@@ -268,7 +293,7 @@ def verify_cache_file(path: str | os.PathLike) -> CacheFileCheck:
     per GB): what the check at open, which reads only sampled blocks, cannot promise."""
     path = Path(path)
     try:
-        header = _read_header(path)
+        header = read_header(path)
     except (OSError, ValueError) as error:
         return CacheFileCheck(path, "damaged", str(error))
     texts, size = header.get("texts"), header.get("size")
