@@ -33,19 +33,16 @@ import itertools
 import json
 import os
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from macsc.errors import ConfigError
 from macsc.prototypes.cache_files import (
     HEADER_BYTES,
-    locked,
+    open_or_build,
     read_header,
-    remove_stale_temporaries,
     sample_problem,
     seal,
 )
@@ -302,31 +299,9 @@ def cached_columns(
     """The columns of entry ``key`` in ``folder``: read, or made by ``tokenize()`` and stored
     first when the entry is missing or unusable (a warning says why it is rebuilt)."""
     path = folder / f"tokens-{key[:32]}{SUFFIX}"
-    entry = _open(path, key)
-    if not isinstance(entry, str):
-        return entry
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"cannot create the cache folder {str(folder)!r} ({error}); set MACSC_CACHE or the "
-            "cache_dir option to a writable folder, or turn the cache off (cache_dir=False)"
-        ) from error
-    with locked(path) as exclusive:
-        entry = _open(path, key)  # another process may have built it while we waited
-        if not isinstance(entry, str):
-            return entry
-        if exclusive:
-            remove_stale_temporaries(path)
-        if entry != "missing":
-            warnings.warn(
-                f"token cache file {str(path)!r} is unusable ({entry}); rebuilding it",
-                stacklevel=3,
-            )
-        _write(path, key, described, tokenize())
-        entry = _open(path, key)
-    if isinstance(entry, str):
-        raise RuntimeError(
-            f"token cache file {str(path)!r} is unusable right after writing: {entry}"
-        )
-    return entry
+    return open_or_build(
+        path,
+        lambda: _open(path, key),
+        lambda: _write(path, key, described, tokenize()),
+        "token cache",
+    )[0]

@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,8 @@ from macsc.prototypes.base import PrototypeExtractor, Prototypes
 from macsc.prototypes.cache_files import (
     FORMAT_VERSION,
     STORAGE_DTYPES,
-    locked,
     open_entry,
-    remove_stale_temporaries,
+    open_or_build,
     write_entry,
 )
 
@@ -225,28 +223,10 @@ def _cached_entry(
     key = cache_key(extractor, texts.digest, _precision(device), dtype)
     path = folder / f"{extractor.kind}-{key[:32]}.protos"
     shape = (key, len(texts.distinct), extractor.k, extractor.dim, dtype)
-    entry = open_entry(path, *shape)
-    if isinstance(entry, tuple):
-        return (*entry, path, False)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"cannot create the prototype cache folder {str(folder)!r} ({error}); set MACSC_CACHE "
-            "or the cache_dir option to a writable folder, or turn the cache off (cache_dir=False)"
-        ) from error
-    with locked(path) as exclusive:
-        entry = open_entry(path, *shape)  # another process may have built it while we waited
-        if isinstance(entry, tuple):
-            return (*entry, path, False)
-        if exclusive:
-            remove_stale_temporaries(path)
-        if entry != "missing":
-            warnings.warn(
-                f"prototype cache file {str(path)!r} is unusable ({entry}); rebuilding it",
-                stacklevel=3,
-            )
-        write_entry(
+    (features, mask), built = open_or_build(
+        path,
+        lambda: open_entry(path, *shape),
+        lambda: write_entry(
             path,
             (len(texts.distinct), extractor.k, extractor.dim),
             dtype,
@@ -255,13 +235,10 @@ def _cached_entry(
             lambda features, mask: _extract_into(
                 extractor, texts.distinct, features, mask, device=device, **extract_options
             ),
-        )
-        entry = open_entry(path, *shape)
-    if not isinstance(entry, tuple):
-        raise RuntimeError(
-            f"prototype cache file {str(path)!r} is unusable right after writing: {entry}"
-        )
-    return (*entry, path, True)
+        ),
+        "prototype cache",
+    )
+    return features, mask, path, built
 
 
 def prototype_table(

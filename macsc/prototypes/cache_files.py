@@ -40,14 +40,17 @@ import json
 import os
 import random
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from macsc.errors import ConfigError
 
 FORMAT_VERSION = 2
 
@@ -70,6 +73,8 @@ HEADER_BYTES = 4096
 
 
 _CHUNK = 1 << 24
+
+Entry = TypeVar("Entry")
 
 
 def checksum(path: Path, ranges: list[tuple[int, int]]) -> str:
@@ -338,3 +343,38 @@ def remove_stale_temporaries(path: Path) -> None:
     lock: every writer holds it, so any temporary file of this entry is a dead build's."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def open_or_build(
+    path: Path, open_entry: Callable[[], Entry | str], build: Callable[[], None], kind: str
+) -> tuple[Entry, bool]:
+    """The entry ``open_entry()`` reads from ``path``, built first by ``build()`` when it says
+    why it cannot be used (a string: "missing", or what is wrong, which a warning repeats). The
+    build runs under the file's lock; a process that waited for another's build uses that one.
+    ``kind`` names the cache in messages. Returns the entry and whether this call built it.
+    Shared by the prototype cache and the token cache (:mod:`tasks.token_cache`)."""
+    entry = open_entry()
+    if not isinstance(entry, str):
+        return entry, False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the {kind} folder {str(path.parent)!r} ({error}); set MACSC_CACHE "
+            "or the cache_dir option to a writable folder, or turn the cache off (cache_dir=False)"
+        ) from error
+    with locked(path) as exclusive:
+        entry = open_entry()  # another process may have built it while we waited
+        if not isinstance(entry, str):
+            return entry, False
+        if exclusive:
+            remove_stale_temporaries(path)
+        if entry != "missing":
+            warnings.warn(
+                f"{kind} file {str(path)!r} is unusable ({entry}); rebuilding it", stacklevel=4
+            )
+        build()
+        entry = open_entry()
+    if isinstance(entry, str):
+        raise RuntimeError(f"{kind} file {str(path)!r} is unusable right after writing: {entry}")
+    return entry, True
