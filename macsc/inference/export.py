@@ -180,18 +180,10 @@ def _shareable(folder: Path) -> None:
 
 def _checkpoint_summary(checkpoint: Path, trusted: bool) -> dict[str, Any]:
     """The checkpoint's step, epoch and recorded head options, read memory-mapped."""
-    import zipfile
-
-    from macsc.prototypes.published_weights import safe_torch_load
+    from macsc.analysis.weights import load_checkpoint
     from macsc.training.checkpoints import HEAD_OPTIONS_KEY
 
-    content = safe_torch_load(
-        checkpoint,
-        trusted=trusted,
-        how_to_trust="pass --trust-checkpoint",
-        map_location="cpu",
-        mmap=zipfile.is_zipfile(checkpoint),
-    )
+    content = load_checkpoint(checkpoint, trusted)
     return {
         "global_step": content.get("global_step"),
         "epoch": content.get("epoch"),
